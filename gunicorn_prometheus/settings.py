@@ -1,0 +1,307 @@
+"""Every environment variable the image reads, declared once.
+
+Each `Setting` carries its name, its default, the parser that validates it and the one line of
+documentation that the README table is generated from (`python -m gunicorn_prometheus settings-table`),
+in the manner of Gunicorn's own ``config.py``. `load()` validates all of them at once, before anything
+forks, and turns every mistake into a `ConfigError` whose message is one line naming the variable, the
+value and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.metrics import Histogram
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported to the user as one line (never as a traceback)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: how it is read and what the README says about it."""
+
+    name: str
+    section: str
+    parse: Callable[[str], Any]
+    doc: str
+    default: str | None = None  # raw text, parsed like a user's value; None means "unset"
+    default_doc: str | None = None  # for defaults that are computed, shown instead of `default`
+    empty_is_value: bool = False  # False: an empty value means "use the default", as most users expect
+
+
+# --- parsers: each takes the raw text and returns the value, or raises ValueError(<what is expected>) ---
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(expected) from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("a number > 0, such as 1 or 0.5") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("a number > 0, such as 1 or 0.5")
+    return value
+
+
+def _seconds(raw: str) -> int:
+    return _int_in(0)(raw)
+
+
+_PORT = _int_in(1, 65535)
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _module_name(raw: str) -> str:
+    if not _DOTTED.match(raw):
+        raise ValueError("a dotted Python module name such as app.main")
+    return raw
+
+
+def _identifier(raw: str) -> str:
+    if not raw.isidentifier():
+        raise ValueError("a Python variable name such as app")
+    return raw
+
+
+def _app_module(raw: str) -> str:
+    module, _, attribute = raw.partition(":")
+    if not _DOTTED.match(module) or (":" in raw and not attribute):
+        raise ValueError("module:variable, such as app.main:app")
+    return raw
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("a non-empty value")
+    return raw.strip()
+
+
+def _bind(raw: str) -> str:
+    raw = raw.strip()
+    if raw.startswith("unix:") and len(raw) > 5:
+        return raw
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host:
+        raise ValueError("host:port such as 0.0.0.0:80, or unix:/path/to.sock")
+    try:
+        _PORT(port)
+    except ValueError:
+        raise ValueError("host:port with a port from 1 to 65535, such as 0.0.0.0:80") from None
+    return raw
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in _LOG_LEVELS:
+        raise ValueError("one of " + ", ".join(_LOG_LEVELS))
+    return value
+
+
+def _log_target(raw: str) -> str | None:
+    """Upstream's convention: '-' is the console, an empty value turns the log off."""
+    return raw.strip() or None
+
+
+def _path(raw: str) -> str:
+    if raw[:1] in "\"'" and raw[-1:] == raw[:1] and len(raw) >= 2:
+        raise ValueError(
+            "a path without surrounding quotes (docker-compose keeps quotes written in `KEY=\"value\"` list items)"
+        )
+    if not raw.strip():
+        raise ValueError("a file system path")
+    return raw
+
+
+def _worker_class(raw: str) -> str:
+    raw = raw.strip()
+    if not (raw.isidentifier() or _DOTTED.match(raw)):
+        raise ValueError("a Gunicorn worker class such as uvicorn_worker.UvicornWorker or asgi")
+    return raw
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _buckets(raw: str) -> tuple[float, ...]:
+    expected = "increasing numbers separated by commas, such as 0.01,0.1,1,10"
+    try:
+        values = tuple(float(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(expected) from None
+    if not values or any(b <= a for a, b in zip(values, values[1:])) or not all(map(math.isfinite, values)):
+        raise ValueError(expected)
+    return values
+
+
+def _paths(raw: str) -> frozenset[str]:
+    paths = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    if any(not p.startswith("/") for p in paths):
+        raise ValueError("URL paths starting with / separated by commas, such as /health,/ready")
+    return paths
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+_DEFAULT_BUCKETS = ",".join(str(b) for b in Histogram.DEFAULT_BUCKETS if math.isfinite(b))
+
+UPSTREAM = "upstream"
+METRICS = "metrics"
+PATHS = "paths"
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- the application (upstream names and defaults) ---
+    Setting("MODULE_NAME", UPSTREAM, _module_name,
+            "Python module holding the app.",
+            default_doc="`app.main` if `$APP_DIR/app/main.py` exists, else `main` if `$APP_DIR/main.py` exists"),
+    Setting("VARIABLE_NAME", UPSTREAM, _identifier, "Variable in that module that holds the ASGI app.",
+            default="app"),
+    Setting("APP_MODULE", UPSTREAM, _app_module,
+            "`module:variable` given to Gunicorn; overrides the two above.",
+            default_doc="`$MODULE_NAME:$VARIABLE_NAME`"),
+    Setting("GUNICORN_CONF", UPSTREAM, _path, "Gunicorn configuration file.",
+            default_doc="first that exists of `$APP_DIR/gunicorn_conf.py`, `$APP_DIR/app/gunicorn_conf.py`, "
+                        "else `$DEFAULT_GUNICORN_CONF`"),
+    Setting("PRE_START_PATH", UPSTREAM, _path,
+            "Script sourced before the server starts (migrations, waiting for a database…).",
+            default_doc="`$APP_DIR/prestart.sh`"),
+    # --- the worker processes ---
+    Setting("WORKERS_PER_CORE", UPSTREAM, _positive_float,
+            "Workers per usable CPU; the result is at least 2.", default="1"),
+    Setting("MAX_WORKERS", UPSTREAM, _int_in(0),
+            "Upper bound on the computed worker count (0 or unset: none)."),
+    Setting("WEB_CONCURRENCY", UPSTREAM, _int_in(1),
+            "Exact number of workers, replacing the computation."),
+    Setting("WORKER_CLASS", UPSTREAM, _worker_class,
+            "Gunicorn worker class. `uvicorn.workers.UvicornWorker`, `uvicorn.workers.UvicornH11Worker`, "
+            "`uvicorn_worker.UvicornH11Worker` and Gunicorn's native `asgi` also work.",
+            default="uvicorn_worker.UvicornWorker"),
+    # --- the listening socket ---
+    Setting("HOST", UPSTREAM, _nonempty, "Address the app listens on.", default="0.0.0.0"),
+    Setting("PORT", UPSTREAM, _PORT, "Port the app listens on.", default="80"),
+    Setting("BIND", UPSTREAM, _bind, "`host:port` (or `unix:/path`) for the app; overrides HOST and PORT.",
+            default_doc="`$HOST:$PORT`"),
+    # --- timeouts and logs ---
+    Setting("LOG_LEVEL", UPSTREAM, _log_level, "One of debug, info, warning, error, critical.",
+            default="info"),
+    Setting("TIMEOUT", UPSTREAM, _seconds, "Seconds of silence after which a worker is killed and replaced.",
+            default="120"),
+    Setting("GRACEFUL_TIMEOUT", UPSTREAM, _seconds,
+            "Seconds in-flight requests get to finish on stop or reload. Keep it below the orchestrator's "
+            "stop grace (Docker 10 s, Kubernetes 30 s); upstream's 120 got workers SIGKILLed.",
+            default="8"),
+    Setting("KEEP_ALIVE", UPSTREAM, _seconds, "Seconds an idle keep-alive connection is kept open.",
+            default="5"),
+    Setting("ACCESS_LOG", UPSTREAM, _log_target, "Access log file; `-` is stdout, empty turns it off.",
+            default="-", empty_is_value=True),
+    Setting("ERROR_LOG", UPSTREAM, _log_target, "Error log file; `-` is stderr, empty turns it off.",
+            default="-", empty_is_value=True),
+    Setting("GUNICORN_CMD_ARGS", UPSTREAM, _text,
+            "Extra Gunicorn command-line settings; they win over every variable here and the config file."),
+    Setting("GUNICORN_CONTROL_SOCKET", UPSTREAM, _text,
+            "Path of Gunicorn's control socket (`gunicornc`); empty keeps it off, so read-only and non-root "
+            "containers start cleanly.", default=""),
+    # --- metrics ---
+    Setting("METRICS_HOST", METRICS, _nonempty, "Address the metrics server listens on.", default="0.0.0.0"),
+    Setting("METRICS_PORT", METRICS, _PORT,
+            "Port of the metrics server (`/metrics`, `/healthz`); must differ from the app's.", default="9464"),
+    Setting("PROMETHEUS_MULTIPROC_DIR", METRICS, _path,
+            "Directory where every process writes its metrics; emptied at start-up, must belong to this "
+            "server.",
+            default_doc="`/dev/shm/gunicorn-prometheus-$METRICS_PORT` (memory-backed), else under the temp "
+                        "directory"),
+    Setting("METRICS_INSTRUMENT", METRICS, _bool,
+            "Wrap the app with HTTP request metrics at worker start.", default="true"),
+    Setting("METRICS_APP_NAME", METRICS, _nonempty, "Value of the `app_name` label of the HTTP metrics.",
+            default="starlette"),
+    Setting("METRICS_BUCKETS", METRICS, _buckets,
+            "Request duration histogram buckets, in seconds.", default=_DEFAULT_BUCKETS),
+    Setting("METRICS_SKIP_PATHS", METRICS, _paths,
+            "Request paths left out of the HTTP metrics, comma-separated.", default=""),
+    # --- paths that are fixed in the image, overridable to run as plain processes ---
+    Setting("APP_DIR", PATHS, _path, "Directory of the user's app (`/app` in the image).", default="/app"),
+    Setting("DEFAULT_GUNICORN_CONF", PATHS, _path, "The bundled Gunicorn configuration.",
+            default="/gunicorn_conf.py"),
+    Setting("CGROUP_ROOT", PATHS, _path, "Where the cgroup file systems are mounted (for CPU detection).",
+            default="/sys/fs/cgroup"),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _clean(value: str) -> str:
+    return value.replace("\n", "\\n")
+
+
+def parse_one(setting: Setting, environ: Mapping[str, str]) -> Any:
+    """The parsed value of one setting: the user's, else the default, else None."""
+    raw = environ.get(setting.name)
+    if raw is None or (raw == "" and not setting.empty_is_value):
+        raw = setting.default
+    if raw is None:
+        return None
+    try:
+        return setting.parse(raw)
+    except ValueError as err:
+        raise ConfigError(f"{setting.name}={_clean(raw)!r} is invalid: expected {err}") from None
+
+
+def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Parse every declared setting; raise one ConfigError listing each bad variable on its own line."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    errors: list[str] = []
+    for setting in SETTINGS:
+        try:
+            values[setting.name] = parse_one(setting, environ)
+        except ConfigError as err:
+            errors.append(str(err))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return values
+
+
+def markdown_table() -> str:
+    """The README's table of environment variables, generated from `SETTINGS`."""
+    lines = ["| Variable | Default | What it does |", "|---|---|---|"]
+    for s in SETTINGS:
+        if s.default_doc:
+            default = s.default_doc
+        elif s.default is None:
+            default = "unset"
+        elif s.default == "":
+            default = "empty"
+        else:
+            default = f"`{s.default}`"
+        lines.append(f"| `{s.name}` | {default} | {s.doc} |")
+    return "\n".join(lines) + "\n"
