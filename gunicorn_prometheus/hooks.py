@@ -1,0 +1,163 @@
+"""Gunicorn server hooks: thin calls into the modules that do the work.
+
+Master: on_starting (fresh multiprocess directory, identity, start-up JSON), when_ready (metrics process),
+pre_fork (worker slot), child_exit (exit cause, slot release), nworkers_changed, on_exit.
+Worker: post_fork (slot identity), post_worker_init (instrumentation, "serving"), worker_exit (own reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import lifecycle, metrics_process, multiproc_dir, server_state, slots
+from .settings import ConfigError
+
+_slots = slots.SlotTable()
+_supervisor = None
+_lock_fd: int | None = None
+_startup_info: dict[str, Any] = {}
+
+
+def configure(startup_info: dict[str, Any]) -> None:
+    """Called by the config module with the values it derived, for the start-up JSON line."""
+    _startup_info.clear()
+    _startup_info.update(startup_info)
+
+
+def _directory() -> str:
+    return os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def _state() -> Path:
+    return multiproc_dir.state_dir(_directory())
+
+
+def _exit_config_error(err: ConfigError) -> None:
+    raise SystemExit(f"gunicorn-prometheus: configuration error: {err}")
+
+
+def _bind_text(cfg: Any) -> str:
+    return ",".join(cfg.bind) if len(cfg.bind) > 1 else cfg.bind[0]
+
+
+def on_starting(server: Any) -> None:
+    global _lock_fd
+    try:
+        _lock_fd = multiproc_dir.prepare(_directory())
+    except ConfigError as err:
+        _exit_config_error(err)
+    slots.install_identity()
+    slots.set_identity(slots.MASTER_IDENTITY)
+    lifecycle.init()
+    server_state.write_server(_state(), master_pid=os.getpid(), desired_workers=server.num_workers)
+    cfg = server.cfg
+    # Upstream's keys, read back from Gunicorn's effective config (so GUNICORN_CMD_ARGS shows), then ours.
+    info = {
+        "loglevel": cfg.loglevel,
+        "workers": cfg.workers,
+        "bind": _bind_text(cfg),
+        "graceful_timeout": cfg.graceful_timeout,
+        "timeout": cfg.timeout,
+        "keepalive": cfg.keepalive,
+        "errorlog": cfg.errorlog,
+        "accesslog": cfg.accesslog,
+        **_startup_info,
+        "worker_class": cfg.worker_class_str,
+        "multiproc_dir": _directory(),
+    }
+    print(json.dumps(info), flush=True)
+
+
+def when_ready(server: Any) -> None:
+    global _supervisor
+    host, port = _startup_info["metrics_host"], _startup_info["metrics_port"]
+    try:
+        sock = metrics_process.bind_metrics_socket(host, port)
+    except OSError as err:
+        raise SystemExit(
+            f"gunicorn-prometheus: configuration error: METRICS_PORT={port} cannot be bound on {host}: "
+            f"{err.strerror}"
+        ) from None
+    try:
+        _supervisor = metrics_process.start(sock, master_pid=os.getpid(), directory=_directory())
+    finally:
+        sock.close()  # before any worker forks: only the supervisor keeps the metrics socket
+    server.log.info("Metrics server on http://%s:%s/metrics (supervisor pid %s)", host, port, _supervisor.pid)
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    slot = _slots.acquire(worker)
+    worker.prometheus_slot = slot
+    slots.clear_slot_live_gauges(_directory(), slot)  # a reused slot starts with no live gauges
+    lifecycle.worker_booted()
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    slots.set_identity(slots.slot_identity(worker.prometheus_slot))
+    server_state.mark_worker(_state(), worker.prometheus_slot, os.getpid(), serving=False)
+
+
+def post_worker_init(worker: Any) -> None:
+    if _startup_info.get("instrument", True):
+        from .instrumentation import PrometheusMiddleware
+
+        attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
+        middleware = PrometheusMiddleware(
+            getattr(worker, attribute),
+            app_name=_startup_info.get("app_name", "starlette"),
+            buckets=_startup_info.get("buckets") or PrometheusMiddleware.DEFAULT_BUCKETS,
+            skip_paths=_startup_info.get("skip_paths", ()),
+        )
+        setattr(worker, attribute, middleware)
+        worker.prometheus_middleware = middleware
+    server_state.mark_worker(_state(), worker.prometheus_slot, os.getpid(), serving=True)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    middleware = getattr(worker, "prometheus_middleware", None)
+    handled = getattr(middleware, "requests_handled", 0)
+    recycled = bool(worker.max_requests) and handled >= worker.max_requests
+    try:
+        server_state.write_exit_reason(_state(), os.getpid(), "max_requests" if recycled else "clean")
+    except OSError:
+        pass  # the directory is gone (server stopping): the master counts a crash, nothing worse
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    slot = getattr(worker, "prometheus_slot", None)
+    reason = lifecycle.exit_reason(getattr(worker, "aborted", False),
+                                   server_state.pop_exit_reason(_state(), worker.pid))
+    if slot is None:
+        return
+    lifecycle.worker_exited(reason, slots.slot_identity(slot))
+    server_state.clear_worker(_state(), slot)
+    slots.clear_slot_live_gauges(_directory(), slot)
+    _slots.release(slot)
+
+
+def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
+    if old_value is not None:
+        server_state.write_server(_state(), master_pid=os.getpid(), desired_workers=new_value)
+
+
+def on_exit(server: Any) -> None:
+    if _supervisor is not None:
+        metrics_process.stop(_supervisor)
+    sys.stdout.flush()
+
+
+HOOKS = {
+    "on_starting": on_starting,
+    "when_ready": when_ready,
+    "pre_fork": pre_fork,
+    "post_fork": post_fork,
+    "post_worker_init": post_worker_init,
+    "worker_exit": worker_exit,
+    "child_exit": child_exit,
+    "nworkers_changed": nworkers_changed,
+    "on_exit": on_exit,
+}

@@ -1,0 +1,64 @@
+"""The PROMETHEUS_MULTIPROC_DIR lifecycle: a directory of this server's own, emptied at every start.
+
+Stale files from an earlier run would resurrect old counter values (in a container, pids and so file
+names repeat after a restart), so the master empties the directory before any worker exists. A second
+server pointed at the same directory would wipe the first one's live data, so the master holds an
+exclusive lock on it for its whole life and refuses to start when another server holds it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from .settings import ConfigError
+
+LOCK_NAME = ".lock"
+STATE_DIR = ".state"
+
+
+def prepare(directory: str | os.PathLike[str]) -> int:
+    """Create or empty `directory`, lock it for this process; return the lock's file descriptor.
+
+    Raises ConfigError (one line) when the path is not a writable directory owned by this user, or when
+    another live server uses it. Only our own files (metric `*.db` files and our state) are removed.
+    """
+    path = Path(directory)
+    variable = "PROMETHEUS_MULTIPROC_DIR"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{variable}={str(path)!r} is invalid: it exists and is not a directory") from None
+    except OSError as err:
+        raise ConfigError(f"{variable}={str(path)!r} cannot be created: {err.strerror}") from None
+    if not path.is_dir():
+        raise ConfigError(f"{variable}={str(path)!r} is invalid: it exists and is not a directory")
+    stat = path.stat()
+    if stat.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{variable}={str(path)!r} is invalid: it belongs to uid {stat.st_uid}, not to this server's "
+            f"uid {os.geteuid()}; give each server a directory of its own"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{variable}={str(path)!r} is invalid: it is not writable by this server")
+
+    lock_fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise ConfigError(
+            f"{variable}={str(path)!r} is in use by another running server; give each server its own directory"
+        ) from None
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(path / STATE_DIR, ignore_errors=True)
+    (path / STATE_DIR).mkdir(mode=0o700)
+    return lock_fd
+
+
+def state_dir(directory: str | os.PathLike[str]) -> Path:
+    """Where the master and workers leave the small facts the metrics process reads (not metric files)."""
+    return Path(directory) / STATE_DIR

@@ -1,0 +1,230 @@
+"""Real servers as plain processes: /start.sh (or /start-reload.sh) with an app directory of the test's own.
+
+Every server a test starts is stopped by the test (a fixture finalizer), in its own session so nothing
+it forked can outlive it; readiness is polled, never slept for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from gunicorn_prometheus import settings
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+QUICK_START = textwrap.dedent(
+    '''
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+
+    @app.get("/")
+    def read_root():
+        return {"Hello": "World"}
+
+
+    @app.get("/items/{item_id}")
+    def read_item(item_id: int, q: str | None = None):
+        return {"item_id": item_id, "q": q}
+    '''
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
+    """Poll `predicate` until it returns something truthy; bounded in time, never an open-ended sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def write_app(app_dir: Path, source: str = QUICK_START, path: str = "main.py") -> Path:
+    target = app_dir / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(textwrap.dedent(source))
+    return target
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    env: dict[str, str]
+    log_path: Path
+    port: int
+    metrics_port: int
+    host: str = "127.0.0.1"
+    _log_offset: int = field(default=0)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def config(self) -> dict:
+        """The JSON line of effective settings printed at start-up."""
+        for line in self.logs().splitlines():
+            if line.startswith("{") and '"workers"' in line:
+                return json.loads(line)
+        raise AssertionError("no start-up JSON line in the logs:\n" + self.logs())
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10, **kwargs)
+
+    def metrics_get(self, path: str = "/metrics", **kwargs) -> httpx.Response:
+        return httpx.get(self.metrics_url + path, timeout=10, **kwargs)
+
+    def master(self) -> psutil.Process:
+        return psutil.Process(self.proc.pid)
+
+    def workers(self) -> list[psutil.Process]:
+        """Worker processes as the OS sees them: the master's children, less the metrics supervisor."""
+        return [
+            p for p in self.master().children()
+            if "gunicorn_prometheus.metrics_process" not in " ".join(p.cmdline())
+            and p.status() != psutil.STATUS_ZOMBIE
+        ]
+
+    def supervisor(self) -> psutil.Process:
+        found = [p for p in self.master().children()
+                 if "gunicorn_prometheus.metrics_process" in " ".join(p.cmdline())]
+        assert len(found) == 1, found
+        return found[0]
+
+    def metrics_server(self) -> psutil.Process:
+        children = self.supervisor().children()
+        assert len(children) == 1, children
+        return children[0]
+
+    def wait_ready(self, path: str = "/", timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                return self.get(path).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout, f"{self.url}{path}")
+
+    def wait_metrics_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            try:
+                return self.metrics_get("/healthz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout, f"{self.metrics_url}/healthz")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Stop the master like `docker stop` does, then make sure its whole session is gone."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        leftovers = self.session_processes()
+        for p in leftovers:
+            p.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+    def session_processes(self) -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.pid) == self.proc.pid and p.pid != self.proc.pid and p.status() != "zombie":
+                    found.append(p)
+            except (ProcessLookupError, psutil.Error, OSError):
+                continue
+        return found
+
+
+def clean_environ() -> dict[str, str]:
+    """The test runner's environment without any of our settings, so a developer's shell cannot leak in."""
+    env = {k: v for k, v in os.environ.items() if k not in settings.BY_NAME}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "app"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start /start.sh (or another script) on loopback ports of its own; stopped at teardown."""
+    servers: list[Server] = []
+
+    def start(app_dir: Path, script: str = "start.sh", wait: str | None = "/", **overrides: str) -> Server:
+        port = int(overrides.get("PORT") or free_port())
+        metrics_port = int(overrides.get("METRICS_PORT") or free_port())
+        env = clean_environ()
+        env.update({
+            "APP_DIR": str(app_dir),
+            "DEFAULT_GUNICORN_CONF": str(REPO / "gunicorn_conf.py"),
+            "PYTHONPATH": str(app_dir),  # as the image's ENV PYTHONPATH=/app
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "METRICS_HOST": "127.0.0.1",
+            "METRICS_PORT": str(metrics_port),
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"multiproc-{metrics_port}"),
+        })
+        for key, value in overrides.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        log_path = tmp_path / f"server-{len(servers)}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [str(REPO / "image" / script)], cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = Server(proc, env, log_path, port, metrics_port)
+        servers.append(server)
+        if wait:
+            server.wait_ready(wait)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
