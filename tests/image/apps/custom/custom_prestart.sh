@@ -1,0 +1,3 @@
+#!/bin/sh
+echo "custom prestart script ran"
+export PRESTART_MARKER=custom

@@ -1,0 +1,3 @@
+#!/bin/sh
+echo "default prestart script ran"
+export PRESTART_MARKER=default

@@ -1,0 +1,259 @@
+"""Helpers of the image tests: the container engine CLI and containers of the image under test."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+APPS = Path(__file__).resolve().parent / "apps"
+RUN_ID = uuid.uuid4().hex[:10]
+LABEL = f"gunicorn-prometheus-tests={RUN_ID}"
+STOP_TIMEOUT = 15  # seconds; above the image's GRACEFUL_TIMEOUT default (8)
+
+
+# --- the engine -------------------------------------------------------------------------------------
+
+
+def docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@dataclass
+class Engine:
+    cli: str
+    created_images: list[str] = field(default_factory=list)
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run([self.cli, *args], capture_output=True, text=True, timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"`{self.cli} {' '.join(args)}` exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    @property
+    def is_podman(self) -> bool:
+        return Path(self.cli).name == "podman"
+
+    def build(
+        self,
+        tag: str,
+        context: Path,
+        dockerfile: Path | None = None,
+        build_args: dict[str, str] | None = None,
+    ) -> None:
+        args = ["build", "-t", tag, "--label", LABEL]
+        if self.is_podman:
+            # HEALTHCHECK is only kept in the docker image format; there is no registry to pull from here.
+            args += ["--format", "docker", "--pull=never"]
+        if dockerfile is not None:
+            args += ["-f", str(dockerfile)]
+        for name, value in (build_args or {}).items():
+            args += ["--build-arg", f"{name}={value}"]
+        args.append(str(context))
+        self.created_images.append(tag)
+        self.run(*args, timeout=900)
+
+    def cleanup(self) -> None:
+        ids = self.run("ps", "-aq", "--filter", f"label={LABEL}", check=False).stdout.split()
+        for cid in ids:
+            self.run("stop", "-t", "2", cid, check=False, timeout=60)
+            self.run("rm", "-f", cid, check=False, timeout=60)
+        for tag in reversed(self.created_images):
+            self.run("rmi", "-f", tag, check=False, timeout=120)
+        if self.is_podman:
+            # Intermediate layers of our builds (dangling after the rmi above).
+            self.run("image", "prune", "-f", "--filter", f"label={LABEL}", check=False, timeout=120)
+
+
+# --- containers --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def http_get(port: int, path: str = "/", timeout: float = 10) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return Response(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
+    finally:
+        conn.close()
+
+
+class Container:
+    def __init__(self, engine: Engine, cid: str, name: str) -> None:
+        self.engine = engine
+        self.id = cid
+        self.name = name
+
+    def inspect(self) -> dict:
+        return json.loads(self.engine.run("inspect", self.id).stdout)[0]
+
+    @property
+    def running(self) -> bool:
+        return bool(self.inspect()["State"]["Running"])
+
+    def logs(self) -> str:
+        proc = self.engine.run("logs", self.id, check=False)
+        return proc.stdout + proc.stderr
+
+    def host_port(self, container_port: int) -> int:
+        out = self.engine.run("port", self.id, f"{container_port}/tcp").stdout.split()
+        if not out:
+            raise AssertionError(f"port {container_port} of {self.name} is not published")
+        return int(out[0].rpartition(":")[2])
+
+    def get(self, path: str = "/", container_port: int = 80, timeout: float = 10) -> Response:
+        return http_get(self.host_port(container_port), path, timeout)
+
+    def exec(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.engine.run("exec", self.id, *cmd, check=check, timeout=timeout)
+
+    def py(self, code: str) -> str:
+        """Run Python code inside the container and return its stdout."""
+        return self.exec("python", "-c", code).stdout
+
+    def copy_in(self, src: Path, dest: str) -> None:
+        self.engine.run("cp", str(src), f"{self.id}:{dest}")
+
+    def start(self) -> None:
+        self.engine.run("start", self.id)
+
+    def stop(self, timeout: int = STOP_TIMEOUT) -> float:
+        """Stop with an explicit timeout; return the seconds it took."""
+        started = time.monotonic()
+        self.engine.run("stop", "-t", str(timeout), self.id, timeout=timeout + 60)
+        return time.monotonic() - started
+
+    def restart(self, timeout: int = STOP_TIMEOUT) -> None:
+        self.engine.run("restart", "-t", str(timeout), self.id, timeout=timeout + 60)
+
+    def exit_code(self) -> int:
+        return int(self.inspect()["State"]["ExitCode"])
+
+    def wait_exited(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.inspect()["State"]
+            if not state["Running"] and state.get("Status") in ("exited", "stopped", "dead"):
+                return int(state["ExitCode"])
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name} still runs after {timeout}s\n{self.logs()}")
+
+    def wait_http(
+        self, path: str = "/", container_port: int = 80, timeout: float = 60, status: int | None = 200
+    ) -> Response:
+        """Poll until the published port answers (with `status` if given); fail early if it exits."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        port = self.host_port(container_port)
+        while time.monotonic() < deadline:
+            try:
+                resp = http_get(port, path, timeout=5)
+                if status is None or resp.status == status:
+                    return resp
+                last = f"HTTP {resp.status}: {resp.body[:200]!r}"
+            except OSError as err:
+                last = err
+            if not self.running:
+                raise AssertionError(
+                    f"{self.name} exited ({self.exit_code()}) before serving {path}\n{self.logs()}"
+                )
+            time.sleep(0.1)
+        raise AssertionError(
+            f"{self.name} did not serve {path} on {container_port} in {timeout}s ({last})\n{self.logs()}"
+        )
+
+    def health_status(self) -> str | None:
+        state = self.inspect()["State"]
+        health = state.get("Health") or state.get("Healthcheck") or {}
+        return health.get("Status")
+
+    def wait_healthy(self, timeout: float = 60) -> str:
+        """Until the engine reports the image's HEALTHCHECK healthy; podman's checks are run from here."""
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            if self.engine.is_podman:
+                self.engine.run("healthcheck", "run", self.id, check=False)
+            status = self.health_status()
+            if status == "healthy":
+                return status
+            if not self.running:
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"{self.name} is not healthy ({status}) after {timeout}s\n{self.logs()}")
+
+    def wait_until(self, predicate, what: str, timeout: float = 30) -> None:
+        """Poll `predicate` (connection errors count as False) until it holds; fail with the logs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if predicate():
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: {what}: not after {timeout}s\n{self.logs()}")
+
+    def wait_log(self, text: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            logs = self.logs()
+            if text in logs:
+                return logs
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not in the logs of {self.name} after {timeout}s\n{self.logs()}")
+
+    def wait_inside(self, code: str, timeout: float = 60) -> str:
+        """Poll a Python snippet run inside the container until it exits 0 (for ports not published)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            proc = self.exec("python", "-c", code, check=False)
+            if proc.returncode == 0:
+                return proc.stdout
+            last = proc.stderr.strip().splitlines()[-1:] or proc.stdout
+            if not self.running:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"{code!r} never succeeded in {self.name}: {last}\n{self.logs()}")
+
+    def config_line(self) -> dict:
+        """The JSON line of effective settings that the runtime prints at start-up (the last one)."""
+        found = None
+        for line in self.logs().splitlines():
+            line = line.strip()
+            if line.startswith("{") and '"workers"' in line:
+                with contextlib.suppress(ValueError):
+                    found = json.loads(line)
+        if found is None:
+            raise AssertionError(f"no JSON settings line in the logs of {self.name}\n{self.logs()}")
+        return found

@@ -1,0 +1,33 @@
+"""examples/project: a user's image built FROM ours, whose own Counter is summed over every worker."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from image_support import REPO, RUN_ID
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.image
+
+
+def items_read(container) -> float:
+    for family in text_string_to_metric_families(container.get("/metrics", 9464).text):
+        for sample in family.samples:
+            if sample.name == "items_read_total":
+                return sample.value
+    return 0.0
+
+
+def test_user_project_counter_is_aggregated(engine, image, make_container):
+    tag = f"localhost/gunicorn-prometheus-example:{RUN_ID}"
+    engine.build(tag, REPO / "examples" / "project", build_args={"IMAGE": image})
+    c = make_container(tag, env={"WEB_CONCURRENCY": "2"})
+    assert c.wait_http("/").json() == {"Hello": "World"}
+    c.wait_http("/healthz", 9464)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(c.get, [f"/items/{i}" for i in range(50)]))
+    assert [r.json()["item_id"] for r in responses] == list(range(50))
+    c.wait_until(lambda: items_read(c) == 50, "items_read_total == 50 on the metrics port")
+    assert c.stop() < 10
+    assert c.exit_code() == 0

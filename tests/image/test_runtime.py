@@ -1,0 +1,144 @@
+"""What the image adds to upstream, against real containers: the metrics port, /healthz, the Docker
+HEALTHCHECK, a graceful stop with a request in flight, a clean restart and running as non-root."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from image_support import APPS, Container, Response
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.image
+
+REQUESTS = "starlette_requests_total"
+
+
+def request_count(container: Container, path_prefix: str) -> float:
+    """Sum of the aggregated request counter for GET <path_prefix>... answered 200, from /metrics."""
+    text = container.get("/metrics", 9464).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == REQUESTS
+                and labels.get("method") == "GET"
+                and labels.get("status_code") == "200"
+                and labels.get("path", "").startswith(path_prefix)
+            ):
+                total += sample.value
+    return total
+
+
+def get_many(container: Container, paths: list[str], parallel: int = 8) -> list[Response]:
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(container.get, paths))
+
+
+@pytest.fixture(scope="module")
+def served(image, make_container) -> Container:
+    """The image as it comes, default worker count (2 or more): shared by the tests below, in order."""
+    c = make_container(image, fast_health=True)
+    c.wait_http("/")
+    c.wait_http("/healthz", 9464)
+    return c
+
+
+def test_metrics_port_aggregates_every_worker(served):
+    workers = served.config_line()["workers"]
+    assert workers >= 2
+    responses = get_many(served, [f"/items/{i}?q=x" for i in range(60)])
+    assert all(r.status == 200 for r in responses)
+    # One number for the whole container, whichever worker answered each request.
+    served.wait_until(lambda: request_count(served, "/items/") == 60, "60 requests counted on /metrics")
+    metrics = served.get("/metrics", 9464)
+    assert metrics.status == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert served.get("/nothing-here", 9464).status == 404
+    # The app's own port serves no metrics.
+    assert served.get("/metrics").status == 404
+
+
+def test_healthz_reports_serving_workers(served):
+    resp = served.get("/healthz", 9464)
+    assert resp.status == 200
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert body["status"] == "ok"
+    assert body["workers_serving"] == served.config_line()["workers"]
+
+
+def test_healthcheck_becomes_healthy(served):
+    assert served.wait_healthy() == "healthy"
+
+
+def test_restart_starts_clean(served):
+    assert request_count(served, "/items/") > 0
+    startups = served.logs().count("Application startup complete.")
+    served.restart()
+    assert served.wait_http("/").json() == {"Hello": "World"}
+    served.wait_http("/healthz", 9464)
+    logs = served.logs()
+    assert logs.count("Application startup complete.") >= startups + 2
+    assert logs.count("Checking for script in /app/prestart.sh") == 2
+    # The multiprocess directory is emptied at start: nothing from the first run is counted again.
+    assert request_count(served, "/items/") == 0
+    assert served.wait_healthy() == "healthy"
+
+
+def test_stop_ends_with_exit_code_0(served):
+    assert served.stop() < 10
+    assert served.exit_code() == 0
+
+
+def test_stop_lets_the_request_in_flight_finish(image, make_container):
+    c = make_container(image, env={"WEB_CONCURRENCY": "1"}, files={APPS / "slow" / "main.py": "/app/main.py"})
+    c.wait_http("/")
+    result: dict[str, object] = {}
+
+    def slow_request() -> None:
+        try:
+            result["response"] = c.get("/slow?seconds=3", timeout=30)
+        except OSError as err:
+            result["error"] = err
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    c.wait_until(lambda: c.get("/inflight").json()["in_flight"] == 1, "the slow request is in flight")
+    took = c.stop(timeout=15)
+    thread.join(30)
+    assert "error" not in result, result
+    response = result["response"]
+    assert isinstance(response, Response)
+    assert response.status == 200
+    assert response.json() == {"slept": 3.0}
+    assert c.exit_code() == 0
+    assert took < 12, f"stop took {took:.1f}s: the server was killed, not stopped gracefully"
+    assert "Shutting down" in c.logs() or "Handling signal: term" in c.logs()
+
+
+def test_non_root_on_a_high_port(image, make_container):
+    c = make_container(
+        image, env={"PORT": "8080", "WEB_CONCURRENCY": "2"}, ports=(8080, 9464), args=["--user", "1000"]
+    )
+    assert c.wait_http("/", 8080).json() == {"Hello": "World"}
+    assert c.py("import os; print(os.geteuid())").strip() == "1000"
+    get_many(c, ["/"] * 10)
+    c.wait_until(lambda: request_count(c, "/") >= 10, "requests counted on /metrics as non-root")
+    assert c.wait_http("/healthz", 9464).json()["workers_serving"] == 2
+    assert c.stop() < 10
+    assert c.exit_code() == 0
+
+
+def test_non_root_on_port_80_says_why_it_cannot_start(image, make_container):
+    # Docker lets any user bind low ports by default (ip_unprivileged_port_start=0); Kubernetes and
+    # podman do not: reproduce that here on either engine.
+    c = make_container(image, args=["--user", "1000", "--sysctl", "net.ipv4.ip_unprivileged_port_start=1024"])
+    code = c.wait_exited(timeout=30)
+    logs = c.logs()
+    assert code != 0
+    assert "PORT=80" in logs
+    assert "8080" in logs  # what to do instead
+    assert "Traceback" not in logs
