@@ -108,9 +108,9 @@ def post_worker_init(worker: Any) -> None:
         attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
         middleware = PrometheusMiddleware(
             getattr(worker, attribute),
-            app_name=_startup_info.get("app_name", "starlette"),
-            buckets=_startup_info.get("buckets") or PrometheusMiddleware.DEFAULT_BUCKETS,
-            skip_paths=_startup_info.get("skip_paths", ()),
+            app_name=_startup_info["app_name"],
+            buckets=_startup_info["buckets"],
+            skip_paths=_startup_info["skip_paths"],
         )
         setattr(worker, attribute, middleware)
         worker.prometheus_middleware = middleware

@@ -1,0 +1,390 @@
+"""The metrics port end to end: real master, real workers, real HTTP, promtool on every scrape."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import httpx
+import pytest
+from conftest import wait_until, write_app
+from prometheus_client.parser import text_string_to_metric_families
+
+APP_WITH_OWN_METRICS = '''
+    import asyncio
+    import time
+
+    from fastapi import FastAPI, HTTPException
+    from prometheus_client import Counter, Gauge, Histogram
+
+    app = FastAPI()
+    ORDERS = Counter("shop_orders", "Orders placed.", ["kind"])
+    BASKET = Histogram("shop_basket_items", "Items per basket.", buckets=(1, 5, 10))
+    OPEN_CARTS = Gauge("shop_open_carts", "Carts open now.", multiprocess_mode="livesum")
+
+
+    @app.get("/")
+    def read_root():
+        return {"Hello": "World"}
+
+
+    @app.get("/items/{item_id}")
+    def read_item(item_id: int, q: str | None = None):
+        return {"item_id": item_id, "q": q}
+
+
+    @app.post("/orders/{kind}")
+    def order(kind: str, items: int = 1):
+        ORDERS.labels(kind).inc()
+        BASKET.observe(items)
+        OPEN_CARTS.inc()
+        return {"ok": True}
+
+
+    @app.get("/teapot")
+    def teapot():
+        raise HTTPException(status_code=418)
+
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("boom")
+
+
+    @app.get("/block")
+    async def block(seconds: float = 5):
+        time.sleep(seconds)  # blocks the event loop: the worker stops heart-beating
+        return {"slept": seconds}
+
+
+    @app.get("/slow")
+    async def slow(seconds: float = 1):
+        await asyncio.sleep(seconds)
+        return {"slept": seconds}
+'''
+
+
+def scrape(server, **headers) -> str:
+    response = server.metrics_get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def promtool_check(text: str) -> None:
+    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def http_total(text: str, path: str, status: str, method: str = "GET") -> float:
+    return value(text, "starlette_requests_total", app_name="starlette", method=method, path=path,
+                 status_code=status)
+
+
+@pytest.fixture
+def server(start_server, app_dir):
+    write_app(app_dir, APP_WITH_OWN_METRICS)
+    srv = start_server(app_dir, WEB_CONCURRENCY="2")
+    srv.wait_metrics_ready()
+    return srv
+
+
+def spread_requests(server, method: str, path: str, count: int) -> None:
+    """New connection per request, so the kernel spreads them over both workers."""
+    for _ in range(count):
+        response = httpx.request(method, server.url + path, timeout=10)
+        assert response.status_code < 500 or path == "/boom"
+
+
+def test_metrics_on_their_own_port_never_on_the_app_port(server):
+    spread_requests(server, "GET", "/items/5?q=x", 7)
+    text = scrape(server)
+    promtool_check(text)
+    assert http_total(text, "/items/{item_id}", "200") == 7
+    assert value(text, "starlette_request_duration_seconds_count", app_name="starlette", method="GET",
+                 path="/items/{item_id}", status_code="200") == 7
+    assert server.get("/metrics").status_code == 404
+    assert server.metrics_get("/other").status_code == 404
+
+
+def test_app_metrics_aggregated_across_workers(server):
+    for i in range(20):
+        response = httpx.post(f"{server.url}/orders/{'book' if i % 2 else 'pen'}?items={i % 12}", timeout=10)
+        assert response.status_code == 200
+    pids = {w.pid for w in server.workers()}
+    assert len(pids) == 2
+    text = scrape(server)
+    promtool_check(text)
+    assert value(text, "shop_orders_total", kind="book") == 10
+    assert value(text, "shop_orders_total", kind="pen") == 10
+    assert value(text, "shop_basket_items_count") == 20
+    assert value(text, "shop_basket_items_bucket", le="1.0") == sum(1 for i in range(20) if i % 12 <= 1)
+    assert value(text, "shop_open_carts") == 20
+    # both workers took part: each slot's livesum gauge file exists
+    files = os.listdir(server.env["PROMETHEUS_MULTIPROC_DIR"])
+    assert {"gauge_livesum_w0.db", "gauge_livesum_w1.db"} <= set(files), files
+
+
+def test_openmetrics_and_gzip_negotiation(server):
+    server.get("/")
+    om = server.metrics_get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    assert om.text.rstrip().endswith("# EOF")
+    with socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-encoding: gzip" in head.lower()
+    text = gzip.decompress(body).decode()
+    assert "gunicorn_workers_desired" in text
+    promtool_check(text)
+
+
+def test_healthz(server):
+    response = server.metrics_get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["master_alive"] is True
+    assert (body["workers_desired"], body["workers_alive"], body["workers_serving"]) == (2, 2, 2)
+
+
+def test_server_metrics_and_process_stats(server):
+    text = scrape(server)
+    promtool_check(text)
+    assert value(text, "gunicorn_workers_desired") == 2
+    assert value(text, "gunicorn_workers_alive") == 2
+    assert value(text, "gunicorn_worker_boots_total") == 2
+    for process in ("master", "w0", "w1", "metrics"):
+        assert value(text, "gunicorn_process_resident_memory_bytes", process=process) > 1_000_000, process
+        assert value(text, "gunicorn_process_open_fds", process=process) > 0
+        assert value(text, "gunicorn_process_threads", process=process) >= 1
+        assert (("gunicorn_process_cpu_seconds_total", (("process", process),)) in samples(text))
+    assert value(text, "gunicorn_workers_resident_memory_bytes") > 2_000_000
+    # no pid ever appears as a label value
+    assert not re.search(r'process="\d+"', text)
+
+
+def test_worker_killed_is_counted_and_replaced_in_its_slot(server):
+    before = scrape(server)
+    victim = server.workers()[0]
+    victim_cpu = value(before, "gunicorn_workers_cpu_seconds_total")
+    victim.kill()
+    wait_until(lambda: value(scrape(server), "gunicorn_worker_boots_total") == 3, 30, "a replacement worker")
+    server.wait_metrics_ready()
+    after = scrape(server)
+    promtool_check(after)
+    assert value(after, "gunicorn_worker_exits_total", reason="crash") == 1
+    assert value(after, "gunicorn_worker_exits_total", reason="clean") == 0
+    assert value(after, "gunicorn_workers_cpu_seconds_total") >= victim_cpu
+    # still exactly two slots: the replacement took the dead worker's
+    slots = {dict(labels)["process"] for (name, labels) in samples(after)
+             if name == "gunicorn_process_resident_memory_bytes"} - {"master", "metrics"}
+    assert slots == {"w0", "w1"}
+
+
+def test_worker_timeout_is_counted(start_server, app_dir):
+    write_app(app_dir, APP_WITH_OWN_METRICS)
+    server = start_server(app_dir, WEB_CONCURRENCY="1", TIMEOUT="2")
+    server.wait_metrics_ready()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(server.url + "/block?seconds=8", timeout=15)
+    wait_until(lambda: value(scrape(server), "gunicorn_worker_exits_total", reason="timeout") == 1, 30,
+               "the timeout abort to be counted")
+
+
+def test_max_requests_recycle_is_counted(start_server, app_dir):
+    write_app(app_dir, APP_WITH_OWN_METRICS)
+    server = start_server(app_dir, WEB_CONCURRENCY="1", GUNICORN_CMD_ARGS="--max-requests 5")
+    server.wait_metrics_ready()
+    sent = 0
+    while sent < 12:
+        try:
+            if httpx.get(server.url + "/", timeout=10, headers={"Connection": "close"}).status_code == 200:
+                sent += 1
+        except httpx.TransportError:
+            continue  # the worker is being replaced; the master's socket stays open
+    wait_until(lambda: value(scrape(server), "gunicorn_worker_exits_total", reason="max_requests") >= 2, 30,
+               "two recycles to be counted")
+    text = scrape(server)
+    assert value(text, "gunicorn_worker_exits_total", reason="crash") == 0
+    assert http_total(text, "/", "200") == 12
+
+
+def test_metrics_process_comes_back_and_app_keeps_serving(server):
+    old = server.metrics_server()
+    old.kill()
+    assert server.get("/").status_code == 200  # the app does not notice
+
+    def replaced() -> bool:
+        try:
+            return server.metrics_server().pid != old.pid and server.metrics_get("/healthz").status_code == 200
+        except (AssertionError, httpx.HTTPError):
+            return False
+
+    wait_until(replaced, 5, "the metrics server to be back within 5 s")
+    promtool_check(scrape(server))
+
+
+def test_slow_scrapers_do_not_block_health_or_app(server):
+    idle = []
+    for _ in range(8):  # connections that never send a request, like a stuck scraper
+        sock = socket.create_connection(("127.0.0.1", server.metrics_port))
+        idle.append(sock)
+    try:
+        assert server.metrics_get("/healthz").status_code == 200
+        assert server.get("/").status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_master_has_no_threads_and_no_fork_warnings(server):
+    server.get("/")
+    assert server.master().num_threads() == 1
+    logs = server.logs()
+    assert "DeprecationWarning" not in logs and "fork()" not in logs
+
+
+def test_stop_leaves_nothing_running_and_finishes_in_flight(server):
+    import threading
+
+    result = {}
+
+    def slow_request():
+        result["response"] = httpx.get(server.url + "/slow?seconds=2", timeout=15)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    wait_until(lambda: any(c.status == "ESTABLISHED" and c.laddr.port == server.port
+                           for w in server.workers() for c in w.net_connections()), 5, "the request in flight")
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(20)
+    assert result["response"].json() == {"slept": 2.0}
+    assert server.proc.wait(20) == 0
+    assert server.session_processes() == []
+
+
+def test_metrics_port_taken_fails_in_one_line(start_server, app_dir):
+    write_app(app_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server(app_dir, METRICS_PORT=str(port), wait=None)
+        assert server.proc.wait(30) != 0
+    logs = server.logs()
+    assert "Traceback" not in logs
+    assert f"METRICS_PORT={port} is already in use on 127.0.0.1" in logs
+
+
+def test_multiproc_dir_must_be_a_directory(start_server, app_dir, tmp_path):
+    write_app(app_dir)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    server = start_server(app_dir, PROMETHEUS_MULTIPROC_DIR=str(not_a_dir), wait=None)
+    assert server.proc.wait(30) != 0
+    logs = server.logs()
+    assert "Traceback" not in logs
+    assert f"PROMETHEUS_MULTIPROC_DIR='{not_a_dir}' is invalid: it exists and is not a directory" in logs
+
+
+def test_stale_files_are_removed_at_start(start_server, app_dir, tmp_path):
+    write_app(app_dir)
+    directory = tmp_path / "stale-dir"
+    directory.mkdir()
+    stale = "counter_1.db"
+    (directory / stale).write_bytes(b"\0" * 64)
+    (directory / "not-ours.txt").write_text("keep me")
+    server = start_server(app_dir, WEB_CONCURRENCY="1", PROMETHEUS_MULTIPROC_DIR=str(directory))
+    server.wait_metrics_ready()
+    assert not (directory / stale).exists()
+    assert (directory / "not-ours.txt").exists()
+    promtool_check(scrape(server))
+
+
+def test_instrumentation_can_be_turned_off(start_server, app_dir):
+    write_app(app_dir, APP_WITH_OWN_METRICS)
+    server = start_server(app_dir, WEB_CONCURRENCY="1", METRICS_INSTRUMENT="false")
+    server.wait_metrics_ready()
+    server.get("/")
+    httpx.post(server.url + "/orders/pen", timeout=10)
+    text = scrape(server)
+    assert "starlette_requests_total" not in text
+    assert value(text, "shop_orders_total", kind="pen") == 1
+
+
+def test_settings_shape_the_http_metrics(start_server, app_dir):
+    write_app(app_dir, APP_WITH_OWN_METRICS)
+    server = start_server(app_dir, WEB_CONCURRENCY="1", METRICS_APP_NAME="shop", METRICS_BUCKETS="0.1,1",
+                          METRICS_SKIP_PATHS="/")
+    server.wait_metrics_ready()
+    server.get("/")
+    server.get("/items/1")
+    for i in range(3):
+        server.get(f"/random-scan-{i}")
+    text = scrape(server)
+    promtool_check(text)
+    totals = {dict(labels)["path"]: v for (name, labels), v in samples(text).items()
+              if name == "starlette_requests_total"}
+    assert totals == {"/items/{item_id}": 1, "__unknown__": 3}
+    assert 'app_name="shop"' in text
+    buckets = {dict(labels)["le"] for (name, labels) in samples(text)
+               if name == "starlette_request_duration_seconds_bucket"}
+    assert buckets == {"0.1", "1.0", "+Inf"}
+
+
+def test_exact_counts_under_concurrent_load(server):
+    """N = 10,000 mixed requests over two workers; every label set sums to exactly what was sent."""
+    plan = [("GET", "/"), ("GET", "/items/5?q=x"), ("GET", "/teapot"), ("GET", "/nowhere"),
+            ("GET", "/boom"), ("POST", "/orders/pen")]
+    total = 10_000
+    sent: dict[tuple[str, str, str], int] = {}
+    templates = {"/": "/", "/items/5?q=x": "/items/{item_id}", "/teapot": "/teapot", "/nowhere": "__unknown__",
+                 "/boom": "/boom", "/orders/pen": "/orders/{kind}"}
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
+            queue: asyncio.Queue = asyncio.Queue()
+            for i in range(total):
+                queue.put_nowait(plan[i % len(plan)])
+
+            async def worker() -> None:
+                while not queue.empty():
+                    method, path = queue.get_nowait()
+                    response = await client.request(method, path)
+                    key = (method, templates[path], str(response.status_code))
+                    sent[key] = sent.get(key, 0) + 1
+
+            await asyncio.gather(*(worker() for _ in range(16)))
+
+    asyncio.run(run())
+    assert sum(sent.values()) == total
+    assert ("GET", "/boom", "500") in sent and ("GET", "__unknown__", "404") in sent
+    text = scrape(server)
+    promtool_check(text)
+    counted = {}
+    for (name, labels), v in samples(text).items():
+        if name == "starlette_requests_total":
+            lab = dict(labels)
+            counted[(lab["method"], lab["path"], lab["status_code"])] = v
+    assert counted == sent
