@@ -1,8 +1,8 @@
 """Command line of the package: the steps the start scripts call, and the README table generator.
 
-    python -m gunicorn_prometheus resolve          # validate; print `export` lines for /start.sh
-    python -m gunicorn_prometheus resolve-reload   # the same for /start-reload.sh (no Gunicorn)
-    python -m gunicorn_prometheus settings-table   # the README's environment table
+python -m gunicorn_prometheus resolve          # validate; print `export` lines for /start.sh
+python -m gunicorn_prometheus resolve-reload   # the same for /start-reload.sh (no Gunicorn)
+python -m gunicorn_prometheus settings-table   # the README's environment table
 """
 
 from __future__ import annotations

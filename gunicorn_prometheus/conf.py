@@ -32,32 +32,39 @@ def gunicorn_settings(environ: MutableMapping[str, str] | None = None) -> dict[s
         values = settings.load(environ)
     except ConfigError as err:
         lines = str(err).splitlines()
-        raise SystemExit("\n".join(f"gunicorn-prometheus: configuration error: {line}" for line in lines)) from None
+        raise SystemExit(
+            "\n".join(f"gunicorn-prometheus: configuration error: {line}" for line in lines)
+        ) from None
     environ.setdefault("PROMETHEUS_MULTIPROC_DIR", launch.default_multiproc_dir(values["METRICS_PORT"]))
 
     limit = cpu.detect(Path(values["CGROUP_ROOT"]))
-    workers = cpu.worker_count(limit.count, values["WORKERS_PER_CORE"], values["MAX_WORKERS"],
-                               values["WEB_CONCURRENCY"])
+    workers = cpu.worker_count(
+        limit.count, values["WORKERS_PER_CORE"], values["MAX_WORKERS"], values["WEB_CONCURRENCY"]
+    )
     bind = values["BIND"] or f"{values['HOST']}:{values['PORT']}"
 
     from . import hooks  # imports prometheus_client: only now that the directory is in the environment
 
-    hooks.configure({
-        # upstream's remaining keys of the start-up JSON line
-        "workers_per_core": values["WORKERS_PER_CORE"],
-        "use_max_workers": values["MAX_WORKERS"] or None,
-        "host": values["HOST"],
-        "port": values["PORT"],
-        # ours
-        "cpu_count": limit.count,
-        "cpu_source": limit.source,
-        "metrics_host": values["METRICS_HOST"],
-        "metrics_port": values["METRICS_PORT"],
-        "instrument": values["METRICS_INSTRUMENT"],
-        "app_name": values["METRICS_APP_NAME"],
-        "buckets": values["METRICS_BUCKETS"],
-        "skip_paths": sorted(values["METRICS_SKIP_PATHS"]),
-    })
+    hooks.prepare_master()
+
+    hooks.configure(
+        {
+            # upstream's remaining keys of the start-up JSON line
+            "workers_per_core": values["WORKERS_PER_CORE"],
+            "use_max_workers": values["MAX_WORKERS"] or None,
+            "host": values["HOST"],
+            "port": values["PORT"],
+            # ours
+            "cpu_count": limit.count,
+            "cpu_source": limit.source,
+            "metrics_host": values["METRICS_HOST"],
+            "metrics_port": values["METRICS_PORT"],
+            "instrument": values["METRICS_INSTRUMENT"],
+            "app_name": values["METRICS_APP_NAME"],
+            "buckets": values["METRICS_BUCKETS"],
+            "skip_paths": sorted(values["METRICS_SKIP_PATHS"]),
+        }
+    )
     result: dict[str, Any] = {
         "bind": [bind],
         "workers": workers,

@@ -77,7 +77,9 @@ def _quota_v1(directory: Path) -> float | None:
     return q / p if q > 0 and p > 0 else None
 
 
-def cgroup_quota(cgroup_root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[float, str] | None:
+def cgroup_quota(
+    cgroup_root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> tuple[float, str] | None:
     """The tightest CPU quota found in cgroup v2 or v1, in CPUs, with its source; None when unlimited."""
     own = _own_cgroup_paths(proc_cgroup)
     found: list[tuple[float, str]] = []

@@ -44,14 +44,26 @@ def _bind_text(cfg: Any) -> str:
     return ",".join(cfg.bind) if len(cfg.bind) > 1 else cfg.bind[0]
 
 
-def on_starting(server: Any) -> None:
+def prepare_master() -> None:
+    """Empty and lock the metrics directory and name the master's files; once per master process.
+
+    Called while Gunicorn reads its config, which is before `preload_app` imports the app in the master:
+    metrics created by a preloaded app must already use slot-style names and must not be wiped afterwards.
+    A config reload (SIGHUP) reads the config again; the directory is then left alone.
+    """
     global _lock_fd
+    if _lock_fd is not None:
+        return
     try:
         _lock_fd = multiproc_dir.prepare(_directory())
     except ConfigError as err:
         _exit_config_error(err)
     slots.install_identity()
     slots.set_identity(slots.MASTER_IDENTITY)
+
+
+def on_starting(server: Any) -> None:
+    prepare_master()
     lifecycle.init()
     server_state.write_server(_state(), master_pid=os.getpid(), desired_workers=server.num_workers)
     cfg = server.cfg
@@ -90,6 +102,11 @@ def when_ready(server: Any) -> None:
 
 
 def pre_fork(server: Any, worker: Any) -> None:
+    # A holder Gunicorn no longer tracks can only be one whose fork failed after this hook: free it.
+    tracked = set(map(id, server.WORKERS.values()))
+    for held in _slots.held:
+        if id(_slots.holder(held)) not in tracked:
+            _slots.release(held)
     slot = _slots.acquire(worker)
     worker.prometheus_slot = slot
     slots.clear_slot_live_gauges(_directory(), slot)  # a reused slot starts with no live gauges
@@ -118,6 +135,11 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
+    if os.getpid() == server.pid:
+        # Gunicorn calls this in the master, instead of child_exit, for a worker it found already gone
+        # when it tried to signal it: the slot must still be released.
+        _reaped(worker, "crash")
+        return
     middleware = getattr(worker, "prometheus_middleware", None)
     handled = getattr(middleware, "requests_handled", 0)
     recycled = bool(worker.max_requests) and handled >= worker.max_requests
@@ -128,11 +150,15 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
+    reported = server_state.pop_exit_reason(_state(), worker.pid)
+    _reaped(worker, lifecycle.exit_reason(getattr(worker, "aborted", False), reported))
+
+
+def _reaped(worker: Any, reason: str) -> None:
+    """Count the exit, then free the slot: its live gauges and state go before anyone reuses it."""
     slot = getattr(worker, "prometheus_slot", None)
-    reason = lifecycle.exit_reason(getattr(worker, "aborted", False),
-                                   server_state.pop_exit_reason(_state(), worker.pid))
-    if slot is None:
-        return
+    if slot is None or _slots.holder(slot) is not worker:
+        return  # not ours, or already released
     lifecycle.worker_exited(reason, slots.slot_identity(slot))
     server_state.clear_worker(_state(), slot)
     slots.clear_slot_live_gauges(_directory(), slot)

@@ -75,7 +75,7 @@ def _host_of(bind: str) -> str:
 
 
 def probe_bind(host: str, port: int, variable: str) -> None:
-    """Fail now, in one line, where the server would later fail to bind (taken port, port < 1024 as non-root)."""
+    """Fail now, in one line, where the server would fail to bind later (taken port, < 1024 as non-root)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -83,18 +83,22 @@ def probe_bind(host: str, port: int, variable: str) -> None:
             sock.bind((host, port))
         except PermissionError:
             raise ConfigError(
-                f"{variable}={port} cannot be bound on {host} by uid {os.geteuid()}: ports below 1024 need root "
-                f"or CAP_NET_BIND_SERVICE; use a port >= 1024 such as 8080 when running as non-root"
+                f"{variable}={port} cannot be bound on {host} by uid {os.geteuid()}: ports below 1024 need "
+                f"root or CAP_NET_BIND_SERVICE; use a port >= 1024 such as 8080 when running as non-root"
             ) from None
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise ConfigError(f"{variable}={port} is already in use on {host}: choose a free port") from None
+                raise ConfigError(
+                    f"{variable}={port} is already in use on {host}: choose a free port"
+                ) from None
             if err.errno == errno.EADDRNOTAVAIL:
                 raise ConfigError(f"{variable}: address {host} is not available on this machine") from None
             raise ConfigError(f"{variable}={port} cannot be bound on {host}: {err.strerror}") from None
 
 
-def resolve(environ: MutableMapping[str, str], *, gunicorn: bool = True, probe_ports: bool = True) -> dict[str, str]:
+def resolve(
+    environ: MutableMapping[str, str], *, gunicorn: bool = True, probe_ports: bool = True
+) -> dict[str, str]:
     """Fill in the derived variables and validate everything; return what the shell must export.
 
     Raises ConfigError (one line per mistake) for any invalid value.
@@ -130,7 +134,9 @@ def resolve(environ: MutableMapping[str, str], *, gunicorn: bool = True, probe_p
 
     conf = values["GUNICORN_CONF"] or find_gunicorn_conf(app_dir, values["DEFAULT_GUNICORN_CONF"])
     if not os.access(conf, os.R_OK) or not Path(conf).is_file():
-        raise ConfigError(f"GUNICORN_CONF={conf!r} is invalid: expected a readable Gunicorn configuration file")
+        raise ConfigError(
+            f"GUNICORN_CONF={conf!r} is invalid: expected a readable Gunicorn configuration file"
+        )
     exports["GUNICORN_CONF"] = conf
 
     worker_class = values["WORKER_CLASS"]

@@ -23,13 +23,18 @@ def _counters() -> tuple[Counter, Counter, Counter]:
     global _metrics
     if _metrics is None:
         boots = Counter("gunicorn_worker_boots", "Workers started by the master.")
-        exits = Counter("gunicorn_worker_exits", "Workers that ended, by cause: clean (asked to stop), "
-                        "max_requests (recycled), timeout (killed by the master as silent), crash (killed by a "
-                        "signal such as the OOM killer, or exited with an error).", ["reason"])
+        exits = Counter(
+            "gunicorn_worker_exits",
+            "Workers that ended, by cause: clean (asked to stop), "
+            "max_requests (recycled), timeout (killed by the master as silent), crash (killed by a "
+            "signal such as the OOM killer, or exited with an error).",
+            ["reason"],
+        )
         for reason in EXIT_REASONS:
             exits.labels(reason)
-        exited_cpu = Counter(EXITED_CPU_METRIC, "CPU time of the exited holders of each worker slot.",
-                             ["process"])
+        exited_cpu = Counter(
+            EXITED_CPU_METRIC, "CPU time of the exited holders of each worker slot.", ["process"]
+        )
         _metrics = (boots, exits, exited_cpu)
     return _metrics
 

@@ -52,8 +52,17 @@ def start(sock: socket.socket, *, master_pid: int, directory: str) -> subprocess
     """Spawn the supervisor with the listening socket; the caller closes its own copy afterwards."""
     fd = sock.fileno()
     return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn_prometheus.metrics_process", "--fd", str(fd),
-         "--master-pid", str(master_pid), "--dir", directory],
+        [
+            sys.executable,
+            "-m",
+            "gunicorn_prometheus.metrics_process",
+            "--fd",
+            str(fd),
+            "--master-pid",
+            str(master_pid),
+            "--dir",
+            directory,
+        ],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
     )
@@ -86,8 +95,17 @@ def supervise(fd: int, master_pid: int, directory: str) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the master decides.
-    command = [sys.executable, "-m", "gunicorn_prometheus.metrics_server", "--fd", str(fd),
-               "--master-pid", str(master_pid), "--dir", directory]
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn_prometheus.metrics_server",
+        "--fd",
+        str(fd),
+        "--master-pid",
+        str(master_pid),
+        "--dir",
+        directory,
+    ]
     delay = RESTART_DELAY
     server: subprocess.Popen | None = None
     while not stopping and os.getppid() == master_pid:

@@ -46,8 +46,11 @@ class ServerView:
 
     def snapshot(self) -> dict:
         server = server_state.read_server(self.state) or {}
-        workers = {slot: info for slot, info in server_state.workers(self.state).items()
-                   if isinstance(info.get("pid"), int) and _alive(info["pid"])}
+        workers = {
+            slot: info
+            for slot, info in server_state.workers(self.state).items()
+            if isinstance(info.get("pid"), int) and _alive(info["pid"])
+        }
         return {
             "master_alive": _alive(self.master_pid),
             "workers_desired": int(server.get("desired_workers", 0)),
@@ -69,20 +72,37 @@ class ServerCollector:
         exited: list[tuple[str, float]] = []
         for family in self.files.collect():
             if family.name == EXITED_CPU_METRIC:
-                exited.extend((s.labels.get("process", ""), s.value) for s in family.samples
-                              if s.name.endswith("_total"))
+                exited.extend(
+                    (s.labels.get("process", ""), s.value)
+                    for s in family.samples
+                    if s.name.endswith("_total")
+                )
             else:
                 families.append(family)
         yield from derive_request_totals(families)
 
         snap = self.view.snapshot()
         for name, doc, value in (
-            ("gunicorn_workers_desired", "Workers the master is configured to keep running.",
-             snap["workers_desired"]),
-            ("gunicorn_workers_alive", "Worker processes alive now (booting or serving).", snap["workers_alive"]),
-            ("gunicorn_workers_serving", "Workers that loaded the app and serve requests.",
-             snap["workers_serving"]),
-            ("gunicorn_master_up", "1 while the Gunicorn master process is alive.", int(snap["master_alive"])),
+            (
+                "gunicorn_workers_desired",
+                "Workers the master is configured to keep running.",
+                snap["workers_desired"],
+            ),
+            (
+                "gunicorn_workers_alive",
+                "Worker processes alive now (booting or serving).",
+                snap["workers_alive"],
+            ),
+            (
+                "gunicorn_workers_serving",
+                "Workers that loaded the app and serve requests.",
+                snap["workers_serving"],
+            ),
+            (
+                "gunicorn_master_up",
+                "1 while the Gunicorn master process is alive.",
+                int(snap["master_alive"]),
+            ),
         ):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
@@ -108,12 +128,16 @@ def make_app(directory: str, master_pid: int):
         if path == "/healthz":
             snap = collector.view.snapshot()
             healthy = snap["master_alive"] and snap["workers_serving"] >= 1
-            body = json.dumps({
-                "status": "ok" if healthy else "unavailable",
-                **{k: v for k, v in snap.items() if k != "workers"},
-            }).encode()
-            start_response("200 OK" if healthy else "503 Service Unavailable",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            body = json.dumps(
+                {
+                    "status": "ok" if healthy else "unavailable",
+                    **{k: v for k, v in snap.items() if k != "workers"},
+                }
+            ).encode()
+            start_response(
+                "200 OK" if healthy else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
             return [body]
         body = b"Not found: the metrics server serves /metrics and /healthz\n"
         start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

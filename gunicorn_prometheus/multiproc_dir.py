@@ -50,7 +50,8 @@ def prepare(directory: str | os.PathLike[str]) -> int:
     except BlockingIOError:
         os.close(lock_fd)
         raise ConfigError(
-            f"{variable}={str(path)!r} is in use by another running server; give each server its own directory"
+            f"{variable}={str(path)!r} is in use by another running server; "
+            "give each server its own directory"
         ) from None
     for stale in path.glob("*.db"):
         stale.unlink(missing_ok=True)

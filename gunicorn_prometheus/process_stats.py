@@ -73,14 +73,21 @@ def families(
 
     label = ["process"]
     cpu = CounterMetricFamily(
-        "gunicorn_process_cpu_seconds", "CPU time (user + system) per process; a worker slot adds the CPU "
-        "of its exited holders, so it never goes down.", labels=label)
-    rss = GaugeMetricFamily("gunicorn_process_resident_memory_bytes", "Resident memory per process.",
-                            labels=label)
+        "gunicorn_process_cpu_seconds",
+        "CPU time (user + system) per process; a worker slot adds the CPU "
+        "of its exited holders, so it never goes down.",
+        labels=label,
+    )
+    rss = GaugeMetricFamily(
+        "gunicorn_process_resident_memory_bytes", "Resident memory per process.", labels=label
+    )
     fds = GaugeMetricFamily("gunicorn_process_open_fds", "Open file descriptors per process.", labels=label)
     threads = GaugeMetricFamily("gunicorn_process_threads", "Threads per process.", labels=label)
-    started = GaugeMetricFamily("gunicorn_process_start_time_seconds",
-                                "Start time per process, seconds since the epoch.", labels=label)
+    started = GaugeMetricFamily(
+        "gunicorn_process_start_time_seconds",
+        "Start time per process, seconds since the epoch.",
+        labels=label,
+    )
     live_slots = set()
     for s in samples:
         live_slots.add(s.label)
@@ -94,11 +101,14 @@ def families(
             cpu.add_metric([slot], seconds)
     yield from (cpu, rss, fds, threads, started)
 
-    total_cpu = CounterMetricFamily("gunicorn_workers_cpu_seconds",
-                                    "CPU time of every worker since the server started, exited ones included.")
+    total_cpu = CounterMetricFamily(
+        "gunicorn_workers_cpu_seconds",
+        "CPU time of every worker since the server started, exited ones included.",
+    )
     total_cpu.add_metric([], sum(s.cpu_seconds for s in workers) + sum(exited_cpu_by_slot.values()))
-    total_rss = GaugeMetricFamily("gunicorn_workers_resident_memory_bytes",
-                                  "Resident memory of all live workers together.")
+    total_rss = GaugeMetricFamily(
+        "gunicorn_workers_resident_memory_bytes", "Resident memory of all live workers together."
+    )
     total_rss.add_metric([], sum(s.resident_bytes for s in workers))
     yield from (total_cpu, total_rss)
 

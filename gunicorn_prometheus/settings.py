@@ -128,7 +128,8 @@ def _log_target(raw: str) -> str | None:
 def _path(raw: str) -> str:
     if raw[:1] in "\"'" and raw[-1:] == raw[:1] and len(raw) >= 2:
         raise ValueError(
-            "a path without surrounding quotes (docker-compose keeps quotes written in `KEY=\"value\"` list items)"
+            "a path without surrounding quotes "
+            '(docker-compose keeps quotes written in `KEY="value"` list items)'
         )
     if not raw.strip():
         raise ValueError("a file system path")
@@ -157,7 +158,11 @@ def _buckets(raw: str) -> tuple[float, ...]:
         values = tuple(float(part) for part in raw.split(",") if part.strip())
     except ValueError:
         raise ValueError(expected) from None
-    if not values or any(b <= a for a, b in zip(values, values[1:])) or not all(map(math.isfinite, values)):
+    if (
+        not values
+        or any(b <= a for a, b in zip(values, values[1:], strict=False))
+        or not all(map(math.isfinite, values))
+    ):
         raise ValueError(expected)
     return values
 
@@ -181,79 +186,185 @@ PATHS = "paths"
 
 SETTINGS: tuple[Setting, ...] = (
     # --- the application (upstream names and defaults) ---
-    Setting("MODULE_NAME", UPSTREAM, _module_name,
-            "Python module holding the app.",
-            default_doc="`app.main` if `$APP_DIR/app/main.py` exists, else `main` if `$APP_DIR/main.py` exists"),
-    Setting("VARIABLE_NAME", UPSTREAM, _identifier, "Variable in that module that holds the ASGI app.",
-            default="app"),
-    Setting("APP_MODULE", UPSTREAM, _app_module,
-            "`module:variable` given to Gunicorn; overrides the two above.",
-            default_doc="`$MODULE_NAME:$VARIABLE_NAME`"),
-    Setting("GUNICORN_CONF", UPSTREAM, _path, "Gunicorn configuration file.",
-            default_doc="first that exists of `$APP_DIR/gunicorn_conf.py`, `$APP_DIR/app/gunicorn_conf.py`, "
-                        "else `$DEFAULT_GUNICORN_CONF`"),
-    Setting("PRE_START_PATH", UPSTREAM, _path,
-            "Script sourced before the server starts (migrations, waiting for a database…).",
-            default_doc="`$APP_DIR/prestart.sh`"),
+    Setting(
+        "MODULE_NAME",
+        UPSTREAM,
+        _module_name,
+        "Python module holding the app.",
+        default_doc="`app.main` if `$APP_DIR/app/main.py` exists, else `main` if `$APP_DIR/main.py` exists",
+    ),
+    Setting(
+        "VARIABLE_NAME",
+        UPSTREAM,
+        _identifier,
+        "Variable in that module that holds the ASGI app.",
+        default="app",
+    ),
+    Setting(
+        "APP_MODULE",
+        UPSTREAM,
+        _app_module,
+        "`module:variable` given to Gunicorn; overrides the two above.",
+        default_doc="`$MODULE_NAME:$VARIABLE_NAME`",
+    ),
+    Setting(
+        "GUNICORN_CONF",
+        UPSTREAM,
+        _path,
+        "Gunicorn configuration file.",
+        default_doc="first that exists of `$APP_DIR/gunicorn_conf.py`, `$APP_DIR/app/gunicorn_conf.py`, "
+        "else `$DEFAULT_GUNICORN_CONF`",
+    ),
+    Setting(
+        "PRE_START_PATH",
+        UPSTREAM,
+        _path,
+        "Script sourced before the server starts (migrations, waiting for a database…).",
+        default_doc="`$APP_DIR/prestart.sh`",
+    ),
     # --- the worker processes ---
-    Setting("WORKERS_PER_CORE", UPSTREAM, _positive_float,
-            "Workers per usable CPU; the result is at least 2.", default="1"),
-    Setting("MAX_WORKERS", UPSTREAM, _int_in(0),
-            "Upper bound on the computed worker count (0 or unset: none)."),
-    Setting("WEB_CONCURRENCY", UPSTREAM, _int_in(1),
-            "Exact number of workers, replacing the computation."),
-    Setting("WORKER_CLASS", UPSTREAM, _worker_class,
-            "Gunicorn worker class. `uvicorn.workers.UvicornWorker`, `uvicorn.workers.UvicornH11Worker`, "
-            "`uvicorn_worker.UvicornH11Worker` and Gunicorn's native `asgi` also work.",
-            default="uvicorn_worker.UvicornWorker"),
+    Setting(
+        "WORKERS_PER_CORE",
+        UPSTREAM,
+        _positive_float,
+        "Workers per usable CPU; the result is at least 2.",
+        default="1",
+    ),
+    Setting(
+        "MAX_WORKERS", UPSTREAM, _int_in(0), "Upper bound on the computed worker count (0 or unset: none)."
+    ),
+    Setting("WEB_CONCURRENCY", UPSTREAM, _int_in(1), "Exact number of workers, replacing the computation."),
+    Setting(
+        "WORKER_CLASS",
+        UPSTREAM,
+        _worker_class,
+        "Gunicorn worker class. `uvicorn.workers.UvicornWorker`, `uvicorn.workers.UvicornH11Worker`, "
+        "`uvicorn_worker.UvicornH11Worker` and Gunicorn's native `asgi` also work.",
+        default="uvicorn_worker.UvicornWorker",
+    ),
     # --- the listening socket ---
     Setting("HOST", UPSTREAM, _nonempty, "Address the app listens on.", default="0.0.0.0"),
     Setting("PORT", UPSTREAM, _PORT, "Port the app listens on.", default="80"),
-    Setting("BIND", UPSTREAM, _bind, "`host:port` (or `unix:/path`) for the app; overrides HOST and PORT.",
-            default_doc="`$HOST:$PORT`"),
+    Setting(
+        "BIND",
+        UPSTREAM,
+        _bind,
+        "`host:port` (or `unix:/path`) for the app; overrides HOST and PORT.",
+        default_doc="`$HOST:$PORT`",
+    ),
     # --- timeouts and logs ---
-    Setting("LOG_LEVEL", UPSTREAM, _log_level, "One of debug, info, warning, error, critical.",
-            default="info"),
-    Setting("TIMEOUT", UPSTREAM, _seconds, "Seconds of silence after which a worker is killed and replaced.",
-            default="120"),
-    Setting("GRACEFUL_TIMEOUT", UPSTREAM, _seconds,
-            "Seconds in-flight requests get to finish on stop or reload. Keep it below the orchestrator's "
-            "stop grace (Docker 10 s, Kubernetes 30 s); upstream's 120 got workers SIGKILLed.",
-            default="8"),
-    Setting("KEEP_ALIVE", UPSTREAM, _seconds, "Seconds an idle keep-alive connection is kept open.",
-            default="5"),
-    Setting("ACCESS_LOG", UPSTREAM, _log_target, "Access log file; `-` is stdout, empty turns it off.",
-            default="-", empty_is_value=True),
-    Setting("ERROR_LOG", UPSTREAM, _log_target, "Error log file; `-` is stderr, empty turns it off.",
-            default="-", empty_is_value=True),
-    Setting("GUNICORN_CMD_ARGS", UPSTREAM, _text,
-            "Extra Gunicorn command-line settings; they win over every variable here and the config file."),
-    Setting("GUNICORN_CONTROL_SOCKET", UPSTREAM, _text,
-            "Path of Gunicorn's control socket (`gunicornc`); empty keeps it off, so read-only and non-root "
-            "containers start cleanly.", default=""),
+    Setting(
+        "LOG_LEVEL", UPSTREAM, _log_level, "One of debug, info, warning, error, critical.", default="info"
+    ),
+    Setting(
+        "TIMEOUT",
+        UPSTREAM,
+        _seconds,
+        "Seconds of silence after which a worker is killed and replaced.",
+        default="120",
+    ),
+    Setting(
+        "GRACEFUL_TIMEOUT",
+        UPSTREAM,
+        _seconds,
+        "Seconds in-flight requests get to finish on stop or reload. Keep it below the orchestrator's "
+        "stop grace (Docker 10 s, Kubernetes 30 s); upstream's 120 got workers SIGKILLed.",
+        default="8",
+    ),
+    Setting(
+        "KEEP_ALIVE", UPSTREAM, _seconds, "Seconds an idle keep-alive connection is kept open.", default="5"
+    ),
+    Setting(
+        "ACCESS_LOG",
+        UPSTREAM,
+        _log_target,
+        "Access log file; `-` is stdout, empty turns it off.",
+        default="-",
+        empty_is_value=True,
+    ),
+    Setting(
+        "ERROR_LOG",
+        UPSTREAM,
+        _log_target,
+        "Error log file; `-` is stderr, empty turns it off.",
+        default="-",
+        empty_is_value=True,
+    ),
+    Setting(
+        "GUNICORN_CMD_ARGS",
+        UPSTREAM,
+        _text,
+        "Extra Gunicorn command-line settings; they win over every variable here and the config file.",
+    ),
+    Setting(
+        "GUNICORN_CONTROL_SOCKET",
+        UPSTREAM,
+        _text,
+        "Path of Gunicorn's control socket (`gunicornc`); empty keeps it off, so read-only and non-root "
+        "containers start cleanly.",
+        default="",
+    ),
     # --- metrics ---
     Setting("METRICS_HOST", METRICS, _nonempty, "Address the metrics server listens on.", default="0.0.0.0"),
-    Setting("METRICS_PORT", METRICS, _PORT,
-            "Port of the metrics server (`/metrics`, `/healthz`); must differ from the app's.", default="9464"),
-    Setting("PROMETHEUS_MULTIPROC_DIR", METRICS, _path,
-            "Directory where every process writes its metrics; emptied at start-up, must belong to this "
-            "server.",
-            default_doc="`/dev/shm/gunicorn-prometheus-$METRICS_PORT` (memory-backed), else under the temp "
-                        "directory"),
-    Setting("METRICS_INSTRUMENT", METRICS, _bool,
-            "Wrap the app with HTTP request metrics at worker start.", default="true"),
-    Setting("METRICS_APP_NAME", METRICS, _nonempty, "Value of the `app_name` label of the HTTP metrics.",
-            default="starlette"),
-    Setting("METRICS_BUCKETS", METRICS, _buckets,
-            "Request duration histogram buckets, in seconds.", default=_DEFAULT_BUCKETS),
-    Setting("METRICS_SKIP_PATHS", METRICS, _paths,
-            "Request paths left out of the HTTP metrics, comma-separated.", default=""),
+    Setting(
+        "METRICS_PORT",
+        METRICS,
+        _PORT,
+        "Port of the metrics server (`/metrics`, `/healthz`); must differ from the app's.",
+        default="9464",
+    ),
+    Setting(
+        "PROMETHEUS_MULTIPROC_DIR",
+        METRICS,
+        _path,
+        "Directory where every process writes its metrics; emptied at start-up, must belong to this server.",
+        default_doc="`/dev/shm/gunicorn-prometheus-$METRICS_PORT` (memory-backed), else under the temp "
+        "directory",
+    ),
+    Setting(
+        "METRICS_INSTRUMENT",
+        METRICS,
+        _bool,
+        "Wrap the app with HTTP request metrics at worker start.",
+        default="true",
+    ),
+    Setting(
+        "METRICS_APP_NAME",
+        METRICS,
+        _nonempty,
+        "Value of the `app_name` label of the HTTP metrics.",
+        default="starlette",
+    ),
+    Setting(
+        "METRICS_BUCKETS",
+        METRICS,
+        _buckets,
+        "Request duration histogram buckets, in seconds.",
+        default=_DEFAULT_BUCKETS,
+    ),
+    Setting(
+        "METRICS_SKIP_PATHS",
+        METRICS,
+        _paths,
+        "Request paths left out of the HTTP metrics, comma-separated.",
+        default="",
+    ),
     # --- paths that are fixed in the image, overridable to run as plain processes ---
     Setting("APP_DIR", PATHS, _path, "Directory of the user's app (`/app` in the image).", default="/app"),
-    Setting("DEFAULT_GUNICORN_CONF", PATHS, _path, "The bundled Gunicorn configuration.",
-            default="/gunicorn_conf.py"),
-    Setting("CGROUP_ROOT", PATHS, _path, "Where the cgroup file systems are mounted (for CPU detection).",
-            default="/sys/fs/cgroup"),
+    Setting(
+        "DEFAULT_GUNICORN_CONF",
+        PATHS,
+        _path,
+        "The bundled Gunicorn configuration.",
+        default="/gunicorn_conf.py",
+    ),
+    Setting(
+        "CGROUP_ROOT",
+        PATHS,
+        _path,
+        "Where the cgroup file systems are mounted (for CPU detection).",
+        default="/sys/fs/cgroup",
+    ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 QUICK_START = textwrap.dedent(
-    '''
+    """
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -42,7 +42,7 @@ QUICK_START = textwrap.dedent(
     @app.get("/items/{item_id}")
     def read_item(item_id: int, q: str | None = None):
         return {"item_id": item_id, "q": q}
-    '''
+    """
 )
 
 
@@ -111,14 +111,18 @@ class Server:
     def workers(self) -> list[psutil.Process]:
         """Worker processes as the OS sees them: the master's children, less the metrics supervisor."""
         return [
-            p for p in self.master().children()
+            p
+            for p in self.master().children()
             if "gunicorn_prometheus.metrics_process" not in " ".join(p.cmdline())
             and p.status() != psutil.STATUS_ZOMBIE
         ]
 
     def supervisor(self) -> psutil.Process:
-        found = [p for p in self.master().children()
-                 if "gunicorn_prometheus.metrics_process" in " ".join(p.cmdline())]
+        found = [
+            p
+            for p in self.master().children()
+            if "gunicorn_prometheus.metrics_process" in " ".join(p.cmdline())
+        ]
         assert len(found) == 1, found
         return found[0]
 
@@ -198,16 +202,18 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         port = int(overrides.get("PORT") or free_port())
         metrics_port = int(overrides.get("METRICS_PORT") or free_port())
         env = clean_environ()
-        env.update({
-            "APP_DIR": str(app_dir),
-            "DEFAULT_GUNICORN_CONF": str(REPO / "gunicorn_conf.py"),
-            "PYTHONPATH": str(app_dir),  # as the image's ENV PYTHONPATH=/app
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "METRICS_HOST": "127.0.0.1",
-            "METRICS_PORT": str(metrics_port),
-            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"multiproc-{metrics_port}"),
-        })
+        env.update(
+            {
+                "APP_DIR": str(app_dir),
+                "DEFAULT_GUNICORN_CONF": str(REPO / "gunicorn_conf.py"),
+                "PYTHONPATH": str(app_dir),  # as the image's ENV PYTHONPATH=/app
+                "HOST": "127.0.0.1",
+                "PORT": str(port),
+                "METRICS_HOST": "127.0.0.1",
+                "METRICS_PORT": str(metrics_port),
+                "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"multiproc-{metrics_port}"),
+            }
+        )
         for key, value in overrides.items():
             if value is None:
                 env.pop(key, None)
@@ -216,7 +222,11 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         log_path = tmp_path / f"server-{len(servers)}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [str(REPO / "image" / script)], cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                [str(REPO / "image" / script)],
+                cwd=app_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         server = Server(proc, env, log_path, port, metrics_port)

@@ -15,7 +15,7 @@ import pytest
 from conftest import wait_until, write_app
 from prometheus_client.parser import text_string_to_metric_families
 
-APP_WITH_OWN_METRICS = '''
+APP_WITH_OWN_METRICS = """
     import asyncio
     import time
 
@@ -66,7 +66,7 @@ APP_WITH_OWN_METRICS = '''
     async def slow(seconds: float = 1):
         await asyncio.sleep(seconds)
         return {"slept": seconds}
-'''
+"""
 
 
 def scrape(server, **headers) -> str:
@@ -88,14 +88,16 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 def promtool_check(text: str) -> None:
-    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
-                            timeout=30)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
 def http_total(text: str, path: str, status: str, method: str = "GET") -> float:
-    return value(text, "starlette_requests_total", app_name="starlette", method=method, path=path,
-                 status_code=status)
+    return value(
+        text, "starlette_requests_total", app_name="starlette", method=method, path=path, status_code=status
+    )
 
 
 @pytest.fixture
@@ -118,8 +120,17 @@ def test_metrics_on_their_own_port_never_on_the_app_port(server):
     text = scrape(server)
     promtool_check(text)
     assert http_total(text, "/items/{item_id}", "200") == 7
-    assert value(text, "starlette_request_duration_seconds_count", app_name="starlette", method="GET",
-                 path="/items/{item_id}", status_code="200") == 7
+    assert (
+        value(
+            text,
+            "starlette_request_duration_seconds_count",
+            app_name="starlette",
+            method="GET",
+            path="/items/{item_id}",
+            status_code="200",
+        )
+        == 7
+    )
     assert server.get("/metrics").status_code == 404
     assert server.metrics_get("/other").status_code == 404
 
@@ -177,7 +188,7 @@ def test_server_metrics_and_process_stats(server):
         assert value(text, "gunicorn_process_resident_memory_bytes", process=process) > 1_000_000, process
         assert value(text, "gunicorn_process_open_fds", process=process) > 0
         assert value(text, "gunicorn_process_threads", process=process) >= 1
-        assert (("gunicorn_process_cpu_seconds_total", (("process", process),)) in samples(text))
+        assert ("gunicorn_process_cpu_seconds_total", (("process", process),)) in samples(text)
     assert value(text, "gunicorn_workers_resident_memory_bytes") > 2_000_000
     # no pid ever appears as a label value
     assert not re.search(r'process="\d+"', text)
@@ -196,8 +207,11 @@ def test_worker_killed_is_counted_and_replaced_in_its_slot(server):
     assert value(after, "gunicorn_worker_exits_total", reason="clean") == 0
     assert value(after, "gunicorn_workers_cpu_seconds_total") >= victim_cpu
     # still exactly two slots: the replacement took the dead worker's
-    slots = {dict(labels)["process"] for (name, labels) in samples(after)
-             if name == "gunicorn_process_resident_memory_bytes"} - {"master", "metrics"}
+    slots = {
+        dict(labels)["process"]
+        for (name, labels) in samples(after)
+        if name == "gunicorn_process_resident_memory_bytes"
+    } - {"master", "metrics"}
     assert slots == {"w0", "w1"}
 
 
@@ -207,8 +221,11 @@ def test_worker_timeout_is_counted(start_server, app_dir):
     server.wait_metrics_ready()
     with pytest.raises(httpx.HTTPError):
         httpx.get(server.url + "/block?seconds=8", timeout=15)
-    wait_until(lambda: value(scrape(server), "gunicorn_worker_exits_total", reason="timeout") == 1, 30,
-               "the timeout abort to be counted")
+    wait_until(
+        lambda: value(scrape(server), "gunicorn_worker_exits_total", reason="timeout") == 1,
+        30,
+        "the timeout abort to be counted",
+    )
 
 
 def test_max_requests_recycle_is_counted(start_server, app_dir):
@@ -222,8 +239,11 @@ def test_max_requests_recycle_is_counted(start_server, app_dir):
                 sent += 1
         except httpx.TransportError:
             continue  # the worker is being replaced; the master's socket stays open
-    wait_until(lambda: value(scrape(server), "gunicorn_worker_exits_total", reason="max_requests") >= 2, 30,
-               "two recycles to be counted")
+    wait_until(
+        lambda: value(scrape(server), "gunicorn_worker_exits_total", reason="max_requests") >= 2,
+        30,
+        "two recycles to be counted",
+    )
     text = scrape(server)
     assert value(text, "gunicorn_worker_exits_total", reason="crash") == 0
     assert http_total(text, "/", "200") == 12
@@ -236,7 +256,9 @@ def test_metrics_process_comes_back_and_app_keeps_serving(server):
 
     def replaced() -> bool:
         try:
-            return server.metrics_server().pid != old.pid and server.metrics_get("/healthz").status_code == 200
+            return (
+                server.metrics_server().pid != old.pid and server.metrics_get("/healthz").status_code == 200
+            )
         except (AssertionError, httpx.HTTPError):
             return False
 
@@ -274,8 +296,15 @@ def test_stop_leaves_nothing_running_and_finishes_in_flight(server):
 
     thread = threading.Thread(target=slow_request)
     thread.start()
-    wait_until(lambda: any(c.status == "ESTABLISHED" and c.laddr.port == server.port
-                           for w in server.workers() for c in w.net_connections()), 5, "the request in flight")
+    wait_until(
+        lambda: any(
+            c.status == "ESTABLISHED" and c.laddr.port == server.port
+            for w in server.workers()
+            for c in w.net_connections()
+        ),
+        5,
+        "the request in flight",
+    )
     server.proc.send_signal(signal.SIGTERM)
     thread.join(20)
     assert result["response"].json() == {"slept": 2.0}
@@ -334,8 +363,9 @@ def test_instrumentation_can_be_turned_off(start_server, app_dir):
 
 def test_settings_shape_the_http_metrics(start_server, app_dir):
     write_app(app_dir, APP_WITH_OWN_METRICS)
-    server = start_server(app_dir, WEB_CONCURRENCY="1", METRICS_APP_NAME="shop", METRICS_BUCKETS="0.1,1",
-                          METRICS_SKIP_PATHS="/")
+    server = start_server(
+        app_dir, WEB_CONCURRENCY="1", METRICS_APP_NAME="shop", METRICS_BUCKETS="0.1,1", METRICS_SKIP_PATHS="/"
+    )
     server.wait_metrics_ready()
     server.get("/")
     server.get("/items/1")
@@ -343,23 +373,41 @@ def test_settings_shape_the_http_metrics(start_server, app_dir):
         server.get(f"/random-scan-{i}")
     text = scrape(server)
     promtool_check(text)
-    totals = {dict(labels)["path"]: v for (name, labels), v in samples(text).items()
-              if name == "starlette_requests_total"}
+    totals = {
+        dict(labels)["path"]: v
+        for (name, labels), v in samples(text).items()
+        if name == "starlette_requests_total"
+    }
     assert totals == {"/items/{item_id}": 1, "__unknown__": 3}
     assert 'app_name="shop"' in text
-    buckets = {dict(labels)["le"] for (name, labels) in samples(text)
-               if name == "starlette_request_duration_seconds_bucket"}
+    buckets = {
+        dict(labels)["le"]
+        for (name, labels) in samples(text)
+        if name == "starlette_request_duration_seconds_bucket"
+    }
     assert buckets == {"0.1", "1.0", "+Inf"}
 
 
 def test_exact_counts_under_concurrent_load(server):
     """N = 10,000 mixed requests over two workers; every label set sums to exactly what was sent."""
-    plan = [("GET", "/"), ("GET", "/items/5?q=x"), ("GET", "/teapot"), ("GET", "/nowhere"),
-            ("GET", "/boom"), ("POST", "/orders/pen")]
+    plan = [
+        ("GET", "/"),
+        ("GET", "/items/5?q=x"),
+        ("GET", "/teapot"),
+        ("GET", "/nowhere"),
+        ("GET", "/boom"),
+        ("POST", "/orders/pen"),
+    ]
     total = 10_000
     sent: dict[tuple[str, str, str], int] = {}
-    templates = {"/": "/", "/items/5?q=x": "/items/{item_id}", "/teapot": "/teapot", "/nowhere": "__unknown__",
-                 "/boom": "/boom", "/orders/pen": "/orders/{kind}"}
+    templates = {
+        "/": "/",
+        "/items/5?q=x": "/items/{item_id}",
+        "/teapot": "/teapot",
+        "/nowhere": "__unknown__",
+        "/boom": "/boom",
+        "/orders/pen": "/orders/{kind}",
+    }
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=16)

@@ -21,7 +21,8 @@ def prometheus(tmp_path):
     def start(target: str) -> str:
         port = free_port()
         config = tmp_path / "prometheus.yml"
-        config.write_text(textwrap.dedent(f"""
+        config.write_text(
+            textwrap.dedent(f"""
             global:
               scrape_interval: 1s
               scrape_timeout: 1s
@@ -29,13 +30,21 @@ def prometheus(tmp_path):
               - job_name: app
                 static_configs:
                   - targets: ["{target}"]
-        """))
+        """)
+        )
         log = (tmp_path / "prometheus.log").open("wb")
-        procs.append(subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         return f"http://127.0.0.1:{port}"
 
     yield start

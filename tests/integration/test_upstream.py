@@ -43,8 +43,15 @@ def test_defaults(start_server, app_dir):
         pytest.fail("ports 80 and 9464 must be free for the defaults test (stop what listens there)")
     write_app(app_dir, path="app/main.py")
     (app_dir / "prestart.sh").write_text('echo "prestart ran"\n')
-    server = start_server(app_dir, HOST=None, PORT=None, METRICS_HOST=None, METRICS_PORT=None,
-                          PROMETHEUS_MULTIPROC_DIR=None, wait=None)
+    server = start_server(
+        app_dir,
+        HOST=None,
+        PORT=None,
+        METRICS_HOST=None,
+        METRICS_PORT=None,
+        PROMETHEUS_MULTIPROC_DIR=None,
+        wait=None,
+    )
     server.port, server.metrics_port = 80, 9464
     server.wait_ready()
     assert server.get("/").json() == {"Hello": "World"}
@@ -78,21 +85,36 @@ def test_restart_starts_clean(start_server, app_dir):
     assert second.get("/").json() == {"Hello": "World"}
     second.wait_metrics_ready()
     body = second.metrics_get().text
-    assert 'starlette_requests_total{app_name="starlette",method="GET",path="/",status_code="200"} 1.0' in body
+    assert (
+        'starlette_requests_total{app_name="starlette",method="GET",path="/",status_code="200"} 1.0' in body
+    )
     check_common_logs(second.logs())
 
 
 def test_env_set_1(start_server, app_dir):
     write_app(app_dir, path="app/main.py")
     port = free_port()
-    server = start_server(app_dir, WORKERS_PER_CORE="2", PORT=str(port), LOG_LEVEL="warning", TIMEOUT="20",
-                          GRACEFUL_TIMEOUT="20", KEEP_ALIVE="20", ACCESS_LOG="", ERROR_LOG="")
+    server = start_server(
+        app_dir,
+        WORKERS_PER_CORE="2",
+        PORT=str(port),
+        LOG_LEVEL="warning",
+        TIMEOUT="20",
+        GRACEFUL_TIMEOUT="20",
+        KEEP_ALIVE="20",
+        ACCESS_LOG="",
+        ERROR_LOG="",
+    )
     assert server.get("/items/3?q=a").json() == {"item_id": 3, "q": "a"}
     config = server.config()
     assert config["workers"] == expected_workers(2)
     assert config["bind"] == f"127.0.0.1:{port}"
     assert (config["loglevel"], config["timeout"], config["graceful_timeout"], config["keepalive"]) == (
-        "warning", 20, 20, 20)
+        "warning",
+        20,
+        20,
+        20,
+    )
     assert config["errorlog"] is None and config["accesslog"] is None
     wait_until(lambda: len(server.workers()) == config["workers"], 10, "all workers")
     logs = server.logs()
@@ -102,8 +124,14 @@ def test_env_set_1(start_server, app_dir):
 
 def test_env_set_2(start_server, app_dir):
     write_app(app_dir)
-    server = start_server(app_dir, WEB_CONCURRENCY="1", HOST="127.0.0.1", LOG_LEVEL="warning",
-                          GUNICORN_CMD_ARGS="--log-level debug", WORKER_CLASS="uvicorn.workers.UvicornH11Worker")
+    server = start_server(
+        app_dir,
+        WEB_CONCURRENCY="1",
+        HOST="127.0.0.1",
+        LOG_LEVEL="warning",
+        GUNICORN_CMD_ARGS="--log-level debug",
+        WORKER_CLASS="uvicorn.workers.UvicornH11Worker",
+    )
     assert server.get("/").json() == {"Hello": "World"}
     config = server.config()
     assert config["workers"] == 1
@@ -128,7 +156,7 @@ def test_bind_beats_host_and_port_and_max_workers(start_server, app_dir):
     assert len(server.workers()) == 1
 
 
-CUSTOM_APP = '''
+CUSTOM_APP = """
     from fastapi import FastAPI
 
     custom_var = FastAPI()
@@ -137,7 +165,7 @@ CUSTOM_APP = '''
     @custom_var.get("/")
     def read_root():
         return {"message": "custom app"}
-'''
+"""
 
 
 @pytest.mark.parametrize("prestart", [False, True])
@@ -146,7 +174,8 @@ def test_custom_app(start_server, app_dir, style, prestart):
     write_app(app_dir, CUSTOM_APP, path="custom_app/custom_main.py")
     settings = (
         {"MODULE_NAME": "custom_app.custom_main", "VARIABLE_NAME": "custom_var"}
-        if style == "module_and_variable" else {"APP_MODULE": "custom_app.custom_main:custom_var"}
+        if style == "module_and_variable"
+        else {"APP_MODULE": "custom_app.custom_main:custom_var"}
     )
     if prestart:
         script = app_dir / "custom_app" / "prestart.sh"
@@ -165,15 +194,18 @@ def test_custom_app(start_server, app_dir, style, prestart):
 def test_gunicorn_conf_locations(start_server, app_dir, tmp_path, location):
     write_app(app_dir, path="app/main.py")
     conf = textwrap.dedent(
-        f'''
+        f"""
         print("custom gunicorn conf: {location}", flush=True)
         from gunicorn_prometheus.conf import gunicorn_settings
         globals().update(gunicorn_settings())
         timeout = 33
-        '''
+        """
     )
-    target = {"app_dir": app_dir / "gunicorn_conf.py", "package": app_dir / "app" / "gunicorn_conf.py",
-              "explicit": tmp_path / "elsewhere.py"}[location]
+    target = {
+        "app_dir": app_dir / "gunicorn_conf.py",
+        "package": app_dir / "app" / "gunicorn_conf.py",
+        "explicit": tmp_path / "elsewhere.py",
+    }[location]
     target.write_text(conf)
     extra = {"GUNICORN_CONF": str(target)} if location == "explicit" else {}
     server = start_server(app_dir, WEB_CONCURRENCY="1", **extra)
@@ -190,7 +222,9 @@ def test_main_py_app(start_server, app_dir):
 
 def test_prestart_is_sourced(start_server, app_dir):
     """Exported variables reach the app; that needs `source`, not a subshell."""
-    write_app(app_dir, '''
+    write_app(
+        app_dir,
+        """
         import os
         from fastapi import FastAPI
 
@@ -200,7 +234,8 @@ def test_prestart_is_sourced(start_server, app_dir):
         @app.get("/")
         def read_root():
             return {"from_prestart": os.environ.get("FROM_PRESTART")}
-    ''')
+    """,
+    )
     (app_dir / "prestart.sh").write_text("export FROM_PRESTART=yes\n")
     server = start_server(app_dir, WEB_CONCURRENCY="1")
     assert server.get("/").json() == {"from_prestart": "yes"}
@@ -242,12 +277,12 @@ def test_reload_honours_log_level(start_server, app_dir):
 
 
 BAD_VALUES = [
-        ("WORKERS_PER_CORE", "abc", "WORKERS_PER_CORE='abc' is invalid: expected a number > 0"),
-        ("PORT", "70000", "PORT='70000' is invalid: expected an integer from 1 to 65535"),
-        ("WEB_CONCURRENCY", "0", "WEB_CONCURRENCY='0' is invalid: expected an integer >= 1"),
-        ("MODULE_NAME", "not_there", "MODULE_NAME='not_there' is invalid: no module 'not_there'"),
-        ("PRE_START_PATH", '"/app/prestart.sh"', "PRE_START_PATH='\"/app/prestart.sh\"' is invalid"),
-        ("GUNICORN_CONF", "/nonexistent/conf.py", "GUNICORN_CONF='/nonexistent/conf.py' is invalid"),
+    ("WORKERS_PER_CORE", "abc", "WORKERS_PER_CORE='abc' is invalid: expected a number > 0"),
+    ("PORT", "70000", "PORT='70000' is invalid: expected an integer from 1 to 65535"),
+    ("WEB_CONCURRENCY", "0", "WEB_CONCURRENCY='0' is invalid: expected an integer >= 1"),
+    ("MODULE_NAME", "not_there", "MODULE_NAME='not_there' is invalid: no module 'not_there'"),
+    ("PRE_START_PATH", '"/app/prestart.sh"', "PRE_START_PATH='\"/app/prestart.sh\"' is invalid"),
+    ("GUNICORN_CONF", "/nonexistent/conf.py", "GUNICORN_CONF='/nonexistent/conf.py' is invalid"),
 ]
 
 

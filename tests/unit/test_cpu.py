@@ -30,7 +30,9 @@ def v1_root(tmp_path: Path, quota: int, period: int = 100000, mount: str = "cpu,
 NO_PROC = Path("/nonexistent/proc/self/cgroup")
 
 
-def detect(root: Path, affinity: int | None = 64, host: int | None = 64, proc: Path = NO_PROC) -> cpu.CpuLimit:
+def detect(
+    root: Path, affinity: int | None = 64, host: int | None = 64, proc: Path = NO_PROC
+) -> cpu.CpuLimit:
     return cpu.detect(root, proc, affinity=affinity, host_count=host)
 
 

@@ -49,8 +49,9 @@ def test_resolve_exports(app_dir):
 
 def test_app_module_overrides_module_and_variable(app_dir):
     (app_dir / "bundled.py").write_text("")
-    exports = launch.resolve(env(app_dir, APP_MODULE="main:api", MODULE_NAME="x", VARIABLE_NAME="y"),
-                             probe_ports=False)
+    exports = launch.resolve(
+        env(app_dir, APP_MODULE="main:api", MODULE_NAME="x", VARIABLE_NAME="y"), probe_ports=False
+    )
     assert exports["APP_MODULE"] == "main:api"
 
 
