@@ -74,14 +74,14 @@ def image(engine: Engine) -> str:
 
 
 @pytest.fixture(scope="session")
-def make_container(engine: Engine):
-    """make_container(image, env=, files={src: dest}, ports=(80, 9464), args=[...], cmd=[...], start=True)."""
+def container_factory(engine: Engine):
+    """factory(image, env=, files={src: dest}, ports=(80, 9464), args=[...], cmd=[...], start=True)."""
 
     def make(
         image: str,
         *,
         env: dict[str, str] | None = None,
-        files: dict[Path, str] | None = None,
+        files: dict[Path | str, str] | None = None,
         ports: tuple[int, ...] = (80, 9464),
         args: list[str] | None = None,
         cmd: list[str] | None = None,
@@ -112,3 +112,17 @@ def make_container(engine: Engine):
         return container
 
     return make
+
+
+@pytest.fixture
+def make_container(engine: Engine, container_factory):
+    """Like container_factory; the containers are removed when the test ends (2 cores: few run at once)."""
+    made: list[Container] = []
+
+    def make(*args, **kwargs) -> Container:
+        container = container_factory(*args, **kwargs)
+        made.append(container)
+        return container
+
+    yield make
+    engine.remove_containers([c.id for c in made])

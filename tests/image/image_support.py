@@ -70,11 +70,17 @@ class Engine:
         self.created_images.append(tag)
         self.run(*args, timeout=900)
 
+    def remove_containers(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        # podman's rm -f stops with the given timeout; docker's kills at once (no timeout to pass).
+        force = ["rm", "-f", "-t", "2"] if self.is_podman else ["rm", "-f"]
+        self.run(*force, *ids, check=False, timeout=120)
+
     def cleanup(self) -> None:
-        ids = self.run("ps", "-aq", "--filter", f"label={LABEL}", check=False).stdout.split()
-        for cid in ids:
-            self.run("stop", "-t", "2", cid, check=False, timeout=60)
-            self.run("rm", "-f", cid, check=False, timeout=60)
+        self.remove_containers(
+            self.run("ps", "-aq", "--filter", f"label={LABEL}", check=False).stdout.split()
+        )
         for tag in reversed(self.created_images):
             self.run("rmi", "-f", tag, check=False, timeout=120)
         if self.is_podman:
@@ -142,7 +148,8 @@ class Container:
         """Run Python code inside the container and return its stdout."""
         return self.exec("python", "-c", code).stdout
 
-    def copy_in(self, src: Path, dest: str) -> None:
+    def copy_in(self, src: Path | str, dest: str) -> None:
+        """`cp` semantics: a directory `src` becomes `dest`; "<dir>/." copies the directory's contents."""
         self.engine.run("cp", str(src), f"{self.id}:{dest}")
 
     def start(self) -> None:
@@ -170,7 +177,7 @@ class Container:
         raise AssertionError(f"{self.name} still runs after {timeout}s\n{self.logs()}")
 
     def wait_http(
-        self, path: str = "/", container_port: int = 80, timeout: float = 60, status: int | None = 200
+        self, path: str = "/", container_port: int = 80, timeout: float = 45, status: int | None = 200
     ) -> Response:
         """Poll until the published port answers (with `status` if given); fail early if it exits."""
         deadline = time.monotonic() + timeout

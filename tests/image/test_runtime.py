@@ -4,6 +4,7 @@ HEALTHCHECK, a graceful stop with a request in flight, a clean restart and runni
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -38,12 +39,15 @@ def get_many(container: Container, paths: list[str], parallel: int = 8) -> list[
 
 
 @pytest.fixture(scope="module")
-def served(image, make_container) -> Container:
+def served(engine, image, container_factory) -> Iterator[Container]:
     """The image as it comes, default worker count (2 or more): shared by the tests below, in order."""
-    c = make_container(image, fast_health=True)
-    c.wait_http("/")
-    c.wait_http("/healthz", 9464)
-    return c
+    c = container_factory(image, fast_health=True)
+    try:
+        c.wait_http("/")
+        c.wait_http("/healthz", 9464)
+        yield c
+    finally:
+        engine.remove_containers([c.id])
 
 
 def test_metrics_port_aggregates_every_worker(served):
@@ -125,7 +129,8 @@ def test_non_root_on_a_high_port(image, make_container):
     )
     assert c.wait_http("/", 8080).json() == {"Hello": "World"}
     assert c.py("import os; print(os.geteuid())").strip() == "1000"
-    get_many(c, ["/"] * 10)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(r.status == 200 for r in pool.map(lambda _: c.get("/", 8080), range(10)))
     c.wait_until(lambda: request_count(c, "/") >= 10, "requests counted on /metrics as non-root")
     assert c.wait_http("/healthz", 9464).json()["workers_serving"] == 2
     assert c.stop() < 10

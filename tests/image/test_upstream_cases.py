@@ -148,7 +148,7 @@ def test_custom_app(image, make_container, case):
     env = {**env, "WEB_CONCURRENCY": "1"}
     if custom_prestart:
         env["PRE_START_PATH"] = "/app/custom_prestart.sh"
-    c = make_container(image, env=env, files={APPS / "custom" / ".": "/app/"})
+    c = make_container(image, env=env, files={f"{APPS / 'custom'}/.": "/app/"})
     expected_prestart = "custom" if custom_prestart else "default"
     assert c.wait_http("/").json() == {"message": "custom app", "prestart": expected_prestart}
     logs = c.logs()
