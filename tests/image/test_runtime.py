@@ -3,6 +3,7 @@ HEALTHCHECK, a graceful stop with a request in flight, a clean restart and runni
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -147,3 +148,18 @@ def test_non_root_on_port_80_says_why_it_cannot_start(image, make_container):
     assert "PORT=80" in logs
     assert "8080" in logs  # what to do instead
     assert "Traceback" not in logs
+
+
+def test_image_metadata(engine, image):
+    data = json.loads(engine.run("image", "inspect", image).stdout)[0]
+    config = data["Config"]
+    assert set(config["ExposedPorts"]) == {"80/tcp", "9464/tcp"}
+    assert config["Cmd"] == ["/start.sh"]
+    assert config["WorkingDir"] == "/app"
+    assert "PYTHONPATH=/app" in config["Env"]
+    assert not config.get("User")  # root by default, like upstream; `--user 1000` works (above)
+    health = config.get("Healthcheck") or data.get("Healthcheck") or data.get("HealthCheck")
+    assert health and "/healthz" in " ".join(health["Test"])
+    labels = config.get("Labels") or data.get("Labels") or {}
+    assert labels["org.opencontainers.image.title"] == "gunicorn-prometheus"
+    assert labels["org.opencontainers.image.source"].startswith("https://")
