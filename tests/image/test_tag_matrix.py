@@ -3,6 +3,7 @@ project, pyproject.toml and the README must agree with it. No container engine n
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import re
@@ -109,6 +110,17 @@ def test_workflow_takes_its_matrices_from_tags_json(workflow):
     assert jobs["build"]["runs-on"] == "${{ matrix.runner }}"
     publish_run = " ".join(step.get("run", "") for step in jobs["publish"]["steps"])
     assert 'image/matrix.py tags "$TAG"' in publish_run
+    # Each tag's manifest gathers exactly its own digests: python3.11 must not pick up python3.11-slim's.
+    (upload,) = [s for s in jobs["build"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    (download,) = [
+        s for s in jobs["publish"]["steps"] if s.get("uses", "").startswith("actions/download-artifact")
+    ]
+    assert upload["with"]["name"] == "digest-${{ matrix.arch }}-${{ matrix.tag }}"
+    assert download["with"]["pattern"] == "digest-*-${{ matrix.tag }}"
+    names = {f"digest-{b['arch']}-{b['tag']}" for b in matrix.build_matrix(CONFIG)}
+    for image in matrix.images(CONFIG):
+        own = {n for n in names if fnmatch.fnmatchcase(n, f"digest-*-{image['tag']}")}
+        assert len(own) == len(CONFIG["platforms"]), (image["tag"], own)
 
 
 def test_workflow_builds_each_entry_with_its_python_base_and_platform(workflow):
