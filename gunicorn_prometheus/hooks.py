@@ -141,6 +141,8 @@ def worker_exit(server: Any, worker: Any) -> None:
         _reaped(worker, "crash")
         return
     middleware = getattr(worker, "prometheus_middleware", None)
+    if middleware is not None:
+        middleware.flush()  # observations still batched in memory reach the files before the process ends
     handled = getattr(middleware, "requests_handled", 0)
     recycled = bool(worker.max_requests) and handled >= worker.max_requests
     try:
