@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import launch, settings
+from . import healthcheck, launch, settings
 from .settings import ConfigError
 
 
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
             exports = launch.resolve(os.environ, gunicorn=command == "resolve")
             sys.stdout.write(launch.shell_exports(exports))
             return 0
+        if command == "healthcheck":
+            return healthcheck.check(settings.load(os.environ))
         if command == "settings-table":
             sys.stdout.write(settings.markdown_table())
             return 0

@@ -12,7 +12,7 @@ import subprocess
 
 import httpx
 import pytest
-from conftest import wait_until, write_app
+from conftest import VENV_BIN, wait_until, write_app
 from prometheus_client.parser import text_string_to_metric_families
 
 APP_WITH_OWN_METRICS = """
@@ -473,3 +473,24 @@ def test_exact_counts_under_concurrent_load(server):
     text = scrape_until(server, lambda t: sum(counted(t).values()) >= total + 1, f"{total} requests counted")
     promtool_check(text)
     assert counted(text) == sent
+
+
+VENV_PYTHON = VENV_BIN / "python"
+
+
+def healthcheck(server) -> int:
+    return subprocess.run(
+        [str(VENV_PYTHON), "-m", "gunicorn_prometheus", "healthcheck"], env=server.env, timeout=30
+    ).returncode
+
+
+def test_image_healthcheck_command(server):
+    assert healthcheck(server) == 0
+    server.stop()
+    assert healthcheck(server) == 1
+
+
+def test_image_healthcheck_under_reload(start_server, app_dir):
+    write_app(app_dir)
+    server = start_server(app_dir, script="start-reload.sh")
+    assert healthcheck(server) == 0
