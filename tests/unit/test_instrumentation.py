@@ -1,0 +1,460 @@
+"""PrometheusMiddleware: starlette_exporter's names and labels, bounded label values, deferred writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, BackgroundTasks, FastAPI
+from prometheus_client import CollectorRegistry, Histogram
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from gunicorn_prometheus import instrumentation
+from gunicorn_prometheus.instrumentation import (
+    DEFAULT_BUCKETS,
+    OTHER_METHOD,
+    UNKNOWN_PATH,
+    PrometheusMiddleware,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DURATION = "starlette_request_duration_seconds"
+
+
+class Boom(Exception):
+    pass
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    def read_item(item_id: int, q: str | None = None) -> dict[str, Any]:
+        return {"item_id": item_id, "q": q}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise Boom("kaput")
+
+    @app.get("/healthz")
+    async def healthz() -> str:
+        return "ok"
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> str:
+        return name
+
+    @app.get("/later")
+    async def later(tasks: BackgroundTasks) -> str:
+        tasks.add_task(asyncio.sleep, 0.3)
+        return "sent"
+
+    router = APIRouter(prefix="/api")
+
+    @router.get("/users/{user_id}")
+    async def user(user_id: str) -> dict[str, str]:
+        return {"user": user_id}
+
+    inner = APIRouter(prefix="/inner")
+
+    @inner.get("/x/{y}")
+    async def inner_x(y: str) -> dict[str, str]:
+        return {"y": y}
+
+    router.include_router(inner)
+    app.include_router(router, prefix="/v1")
+
+    sub = FastAPI()
+
+    @sub.get("/things/{thing_id}")
+    async def thing(thing_id: str) -> dict[str, str]:
+        return {"thing": thing_id}
+
+    app.mount("/sub", sub)
+
+    async def plain(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("plain")
+
+    app.mount(
+        "/star",
+        Starlette(routes=[Route("/r/{a}", plain), Mount("/m/{b}", routes=[Route("/leaf", plain)])]),
+    )
+    return app
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def get_all(app: Any, *paths: str, method: str = "GET") -> list[int]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return [(await client.request(method, path)).status_code for path in paths]
+
+
+def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples named ``name``, keyed by their sorted labels (``le`` left out of the key only if absent)."""
+    found = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def counts(registry: CollectorRegistry) -> dict[tuple[str, str, str], float]:
+    """(method, path, status_code) -> requests counted, from the histogram's _count."""
+    return {
+        (labels["method"], labels["path"], labels["status_code"]): value
+        for key, value in samples(registry, DURATION + "_count").items()
+        for labels in [dict(key)]
+        if value
+    }
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def middleware(registry: CollectorRegistry) -> PrometheusMiddleware:
+    return PrometheusMiddleware(make_app(), app_name="demo", registry=registry, skip_paths=["/healthz"])
+
+
+def test_path_label_is_the_route_template_including_mounts_and_routers(middleware, registry):
+    statuses = run(
+        get_all(
+            middleware,
+            "/items/5?q=x",
+            "/items/6",
+            "/v1/api/users/7",
+            "/v1/api/inner/x/3",
+            "/sub/things/9",
+            "/star/r/1",
+            "/star/m/2/leaf",
+            "/star/m/3/leaf",
+        )
+    )
+    assert statuses == [200] * 8
+    middleware.flush()
+    assert counts(registry) == {
+        ("GET", "/items/{item_id}", "200"): 2,
+        ("GET", "/v1/api/users/{user_id}", "200"): 1,
+        ("GET", "/v1/api/inner/x/{y}", "200"): 1,
+        ("GET", "/sub/things/{thing_id}", "200"): 1,
+        ("GET", "/star/r/{a}", "200"): 1,
+        ("GET", "/star/m/{b}/leaf", "200"): 2,
+    }
+    app_names = {dict(k)["app_name"] for k in samples(registry, DURATION + "_count")}
+    assert app_names == {"demo"}
+
+
+def test_unrouted_requests_share_one_series(middleware, registry):
+    paths = [f"/scan/{i}/wp-login.php" for i in range(200)] + ["/sub/nope", "/items/"]
+    statuses = run(get_all(middleware, *paths))
+    assert set(statuses) == {404}
+    middleware.flush()
+    assert counts(registry) == {("GET", UNKNOWN_PATH, "404"): len(paths)}
+
+
+def test_wrong_method_is_unknown_like_starlette_exporter_and_does_not_poison_the_cache(middleware, registry):
+    assert run(get_all(middleware, "/items/5", method="POST")) == [405]
+    assert run(get_all(middleware, "/items/5")) == [200]
+    assert run(get_all(middleware, "/items/5", method="POST")) == [405]
+    middleware.flush()
+    assert counts(registry) == {("POST", UNKNOWN_PATH, "405"): 2, ("GET", "/items/{item_id}", "200"): 1}
+
+
+def test_unusual_methods_are_grouped(middleware, registry):
+    assert run(get_all(middleware, "/items/5", method="FROBNICATE")) == [405]
+    middleware.flush()
+    assert counts(registry) == {(OTHER_METHOD, UNKNOWN_PATH, "405"): 1}
+
+
+def test_exception_counts_as_500_and_propagates(middleware, registry):
+    with pytest.raises(Boom):
+        run(get_all(middleware, "/boom"))
+    middleware.flush()
+    assert counts(registry) == {("GET", "/boom", "500"): 1}
+    assert samples(registry, "starlette_requests_in_progress") == {
+        (("app_name", "demo"), ("method", "GET")): 0.0
+    }
+
+
+def test_skip_paths_exact_and_regex(registry):
+    app = PrometheusMiddleware(
+        make_app(), registry=registry, skip_paths=["/healthz", "/static/.*", "/nowhere.txt"]
+    )
+    statuses = run(get_all(app, "/healthz", "/static/a.css", "/nowhere.txt", "/nowhereXtxt", "/items/1"))
+    assert statuses == [200, 200, 404, 404, 200]
+    app.flush()
+    # "." is literal in a path without other regex characters: /nowhereXtxt is counted.
+    assert counts(registry) == {("GET", UNKNOWN_PATH, "404"): 1, ("GET", "/items/{item_id}", "200"): 1}
+    assert app.requests_handled == 5  # skipped requests are still requests the worker handled
+
+
+def test_non_http_scopes_pass_straight_through(registry):
+    seen: list[str] = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["type"])
+
+    middleware = PrometheusMiddleware(app, registry=registry)
+    run(middleware({"type": "lifespan"}, None, None))
+    run(middleware({"type": "websocket", "path": "/ws"}, None, None))
+    assert seen == ["lifespan", "websocket"]
+    assert middleware.requests_handled == 0
+    middleware.flush()
+    assert counts(registry) == {}
+
+
+def test_lifespan_reaches_the_app(registry):
+    events: list[str] = []
+    app = make_app()
+    app.router.on_startup.append(lambda: events.append("startup"))
+    middleware = PrometheusMiddleware(app, registry=registry)
+    incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, str]:
+        return next(incoming)
+
+    async def send(message: dict[str, str]) -> None:
+        sent.append(message["type"])
+
+    run(middleware({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send))
+    assert events == ["startup"]
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert middleware.requests_handled == 0
+
+
+def test_in_progress_gauge_counts_requests_in_flight(registry):
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        started.set()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = PrometheusMiddleware(slow, registry=registry, app_name="slow")
+    gauge = "starlette_requests_in_progress"
+    key = (("app_name", "slow"), ("method", "GET"))
+
+    async def scenario() -> tuple[float, float]:
+        request = asyncio.create_task(get_all(middleware, "/x"))
+        await started.wait()
+        middleware.flush()
+        during = samples(registry, gauge)[key]
+        release.set()
+        await request
+        middleware.flush()
+        return during, samples(registry, gauge)[key]
+
+    assert run(scenario()) == (1.0, 0.0)
+
+
+def test_pending_values_are_written_by_the_timer_without_explicit_flush(registry):
+    middleware = PrometheusMiddleware(make_app(), registry=registry, flush_interval=0.05)
+
+    async def scenario() -> tuple[dict, dict]:
+        await get_all(middleware, "/items/1", "/items/2")
+        await asyncio.sleep(0.2)
+        return counts(registry), samples(registry, "starlette_requests_in_progress")
+
+    written, gauge = run(scenario())
+    assert written == {("GET", "/items/{item_id}", "200"): 2}
+    assert list(gauge.values()) == [0.0]
+
+
+def test_write_through_when_flush_interval_is_zero(registry):
+    middleware = PrometheusMiddleware(make_app(), registry=registry, flush_interval=0)
+    run(get_all(middleware, "/items/1"))
+    assert counts(registry) == {("GET", "/items/{item_id}", "200"): 1}
+
+
+def test_histogram_matches_plain_observe(registry):
+    """The deferred writes produce what Histogram.observe would (this also pins the private attributes)."""
+    durations = [0.001, 0.004, 0.02, 0.02, 0.3, 2.0, 50.0]
+    middleware = PrometheusMiddleware(make_app(), registry=registry)
+    metrics = middleware._metrics
+    series = metrics.series_for("GET", "/x", 200, "starlette")
+    for d in durations:
+        series.add(d, metrics.upper_bounds)
+    metrics.flush()
+    series.add(0.5, metrics.upper_bounds)  # a second flush adds only the difference
+    metrics.flush()
+
+    reference = CollectorRegistry()
+    histogram = Histogram(DURATION, "d", ["method", "path", "status_code", "app_name"], registry=reference)
+    for d in [*durations, 0.5]:
+        histogram.labels("GET", "/x", "200", "starlette").observe(d)
+    for suffix in ("_bucket", "_count", "_sum"):
+        assert samples(registry, DURATION + suffix) == pytest.approx(samples(reference, DURATION + suffix))
+
+
+def test_duration_excludes_background_tasks(middleware, registry):
+    run(get_all(middleware, "/later"))
+    middleware.flush()
+    (total,) = samples(registry, DURATION + "_sum").values()
+    assert total < 0.25
+
+
+def test_app_returning_without_response_counts_500(registry):
+    async def silent(scope, receive, send):
+        return None
+
+    middleware = PrometheusMiddleware(silent, registry=registry)
+    run(middleware({"type": "http", "method": "GET", "path": "/", "root_path": ""}, _no_message, None))
+    middleware.flush()
+    assert counts(registry) == {("GET", UNKNOWN_PATH, "500"): 1}
+
+
+async def _no_message() -> dict[str, Any]:
+    await asyncio.sleep(10)
+    return {}
+
+
+def test_requests_handled_counts_http_requests(middleware):
+    run(get_all(middleware, "/items/1", "/nope", "/healthz"))
+    assert middleware.requests_handled == 3
+
+
+def test_several_middlewares_share_one_registry(registry):
+    first = PrometheusMiddleware(make_app(), registry=registry, app_name="a")
+    second = PrometheusMiddleware(make_app(), registry=registry, app_name="b")
+    run(get_all(first, "/items/1"))
+    run(get_all(second, "/items/1", "/items/2"))
+    first.flush()
+    by_app = {dict(k)["app_name"]: v for k, v in samples(registry, DURATION + "_count").items()}
+    assert by_app == {"a": 1, "b": 2}
+    with pytest.raises(ValueError, match="buckets"):
+        PrometheusMiddleware(make_app(), registry=registry, buckets=[1, 2, 3])
+
+
+def test_buckets_are_configurable(registry):
+    middleware = PrometheusMiddleware(make_app(), registry=registry, buckets=[0.5, 1])
+    run(get_all(middleware, "/items/1"))
+    middleware.flush()
+    les = {dict(k)["le"] for k in samples(registry, DURATION + "_bucket")}
+    assert les == {"0.5", "1.0", "+Inf"}
+    assert tuple(DEFAULT_BUCKETS) == tuple(Histogram.DEFAULT_BUCKETS)
+
+
+def test_no_metric_is_created_at_import():
+    code = (
+        "import prometheus_client, gunicorn_prometheus.instrumentation as i\n"
+        "print([m.name for m in prometheus_client.REGISTRY.collect() if m.name.startswith('starlette')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/items/5", "/v1/api/users/7", "/v1/api/inner/x/3", "/sub/things/9", "/star/m/2/leaf", "/sub/nope"],
+)
+def test_fallback_matcher_agrees_with_starlette_exporter(path):
+    exporter = pytest.importorskip("starlette_exporter.middleware")
+    app = make_app()
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": []}
+    expected = exporter.get_matching_route_path(dict(scope), app.router.routes)
+    assert instrumentation._get_matching_route_path(dict(scope), app.router.routes) == expected
+
+
+MULTIPROCESS_CHILD = """
+import asyncio, sys
+import httpx
+sys.path.insert(0, {tests!r})
+from test_instrumentation import make_app
+from gunicorn_prometheus.instrumentation import PrometheusMiddleware
+
+middleware = PrometheusMiddleware(make_app(), app_name="mp")
+
+async def main():
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for path in ["/items/1", "/items/2", "/v1/api/users/3", "/nope"]:
+            await client.get(path)
+
+asyncio.run(main())
+# no flush: the atexit handler must write what is pending
+"""
+
+
+def _aggregate(directory: Path) -> dict[str, Any]:
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from gunicorn_prometheus.derived import derive_request_totals
+        families = derive_request_totals(MultiProcessCollector(None, sys.argv[1]).collect())
+        print(json.dumps([[s.name, s.labels, s.value] for f in families for s in f.samples]))
+        """
+    )
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(directory))
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=REPO,
+    )
+    return json.loads(out.stdout)
+
+
+def test_multiprocess_mode_writes_files_at_exit_and_totals_derive(tmp_path: Path):
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(directory))
+    child = MULTIPROCESS_CHILD.format(tests=str(Path(__file__).parent))
+    for _ in range(2):  # two "workers", one after the other
+        subprocess.run([sys.executable, "-c", child], check=True, env=env, cwd=REPO, timeout=60)
+    written = sorted(p.name.split("_")[0] for p in directory.glob("*.db"))
+    assert written == ["gauge", "gauge", "histogram", "histogram"]
+    flat = _aggregate(directory)
+    totals = {(s[1]["path"], s[1]["status_code"]): s[2] for s in flat if s[0] == "starlette_requests_total"}
+    assert totals == {
+        ("/items/{item_id}", "200"): 4,
+        ("/v1/api/users/{user_id}", "200"): 2,
+        (UNKNOWN_PATH, "404"): 2,
+    }
+    gauges = {s[1]["method"]: s[2] for s in flat if s[0] == "starlette_requests_in_progress"}
+    assert gauges == {"GET": 0.0}
+
+
+def test_request_path_updates_no_metric_value(registry, monkeypatch):
+    """No value update (in multiprocess mode: no lock + mmap write) per request, only per flush."""
+    middleware = PrometheusMiddleware(make_app(), registry=registry, flush_interval=60)
+    run(get_all(middleware, "/items/1"))  # creates the label set and arms the (distant) flush timer
+    middleware.flush()
+    value_class = type(middleware._metrics.series_for("GET", "/items/{item_id}", 200, "starlette").child._sum)
+    updates = [0]
+    for name in ("inc", "set"):
+        original = getattr(value_class, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            updates[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(value_class, name, counting)
+    run(get_all(middleware, *["/items/2"] * 50))
+    assert updates[0] == 0
+    middleware.flush()
+    # 50 requests, one flush: the _sum and the one bucket they fell in; in progress was 0 and is 0 again
+    assert updates[0] == 2
+    assert counts(registry) == {("GET", "/items/{item_id}", "200"): 51}
