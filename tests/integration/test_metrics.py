@@ -119,7 +119,7 @@ def http_total(text: str, path: str, status: str, method: str = "GET") -> float:
 def server(start_server, app_dir):
     write_app(app_dir, APP_WITH_OWN_METRICS)
     srv = start_server(app_dir, WEB_CONCURRENCY="2")
-    srv.wait_metrics_ready()
+    wait_until(lambda: srv.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "both workers serving")
     return srv
 
 
