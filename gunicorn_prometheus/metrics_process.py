@@ -68,16 +68,16 @@ def start(sock: socket.socket, *, master_pid: int, directory: str) -> subprocess
     )
 
 
-def stop(supervisor: subprocess.Popen, timeout: float = 3.0) -> None:
-    """Stop the supervisor (which stops the server) and wait for it; kill it if it will not go."""
-    if supervisor.poll() is not None:
+def stop(process: subprocess.Popen, timeout: float = 3.0) -> None:
+    """Stop a child (SIGTERM), wait for it, and kill it if it will not go."""
+    if process.poll() is not None:
         return
-    supervisor.terminate()
+    process.terminate()
     try:
-        supervisor.wait(timeout)
+        process.wait(timeout)
     except subprocess.TimeoutExpired:
-        supervisor.kill()
-        supervisor.wait()
+        process.kill()
+        process.wait()
 
 
 def _log(message: str) -> None:
@@ -125,22 +125,22 @@ def supervise(fd: int, master_pid: int, directory: str) -> int:
         deadline = time.monotonic() + delay
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.05)
-    if server is not None and server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(3)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    if server is not None:
+        stop(server)
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fd", type=int, required=True)
+def parse_args(description: str | None) -> argparse.Namespace:
+    """The command line shared by the supervisor and the server: the socket, the master, the directory."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     parser.add_argument("--master-pid", type=int, required=True)
-    parser.add_argument("--dir", required=True)
-    args = parser.parse_args()
+    parser.add_argument("--dir", required=True, help="PROMETHEUS_MULTIPROC_DIR")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args(__doc__)
     return supervise(args.fd, args.master_pid, args.dir)
 
 

@@ -8,7 +8,6 @@ A threading server, so a slow scrape never holds up `/healthz`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import socket
@@ -26,7 +25,7 @@ from . import process_stats, server_state
 from .collector import MultiProcessDirCollector
 from .derived import derive_request_totals
 from .lifecycle import EXITED_CPU_METRIC
-from .metrics_process import die_with_parent
+from .metrics_process import die_with_parent, parse_args
 from .multiproc_dir import state_dir
 
 
@@ -169,11 +168,7 @@ def serve(fd: int, master_pid: int, directory: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--master-pid", type=int, required=True)
-    parser.add_argument("--dir", required=True)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -27,23 +27,7 @@ from gunicorn_prometheus import settings
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
-QUICK_START = textwrap.dedent(
-    """
-    from fastapi import FastAPI
-
-    app = FastAPI()
-
-
-    @app.get("/")
-    def read_root():
-        return {"Hello": "World"}
-
-
-    @app.get("/items/{item_id}")
-    def read_item(item_id: int, q: str | None = None):
-        return {"item_id": item_id, "q": q}
-    """
-)
+QUICK_START = (REPO / "examples" / "app" / "main.py").read_text()  # the upstream Quick Start app
 
 
 def free_port() -> int:
