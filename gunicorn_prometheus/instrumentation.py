@@ -17,8 +17,9 @@ Why the request path writes no metric file at all
 Measured with callgrind on the Quick Start app under uvloop (bench/throughput measures the same with wrk),
 one request costs ~776k instructions. Through prometheus_client's public API, ``Histogram.observe`` in
 multiprocess mode costs ~18k of them (two ``MmapedValue.inc``: lock, pid check, key lookup, mmap pack,
-plus the Python-level bucket loop) and the in-progress gauge's inc and dec as much again: the metric
-writes alone would spend most of a 5 % budget. So the request path only adds to plain Python numbers
+plus the Python-level bucket loop), and the in-progress gauge's inc and dec are two more such writes:
+with the rest of the middleware, a first version cost ~39k (5.1 %, the whole budget). So the request
+path only adds to plain Python numbers
 (the sum, one bucket counter found by ``bisect``, an in-flight count), and ``flush()`` hands the
 differences to the normal metric objects (``MmapedValue.inc``/``Gauge.set``) at most every
 ``flush_interval`` seconds, from a timer on the event loop: one write per changed value per interval,
@@ -26,6 +27,8 @@ however many requests. Consequences, all bounded by ``flush_interval`` (0.1 s by
 scrape interval): a scrape may miss the last fraction of a second of requests, and a worker killed with
 SIGKILL loses that much; a normal exit flushes (``atexit``, and the worker_exit hook may call ``flush``).
 ``flush_interval=0`` writes through on every request instead.
+This version costs ~18-21k instructions per request (2.3-2.7 %), ~1.6 µs on this machine, of which ~0.6 µs is
+the bare minimum of any middleware that reads the status (wrapping ``send``, two clock reads).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class _Series:
         self.written: list[float] = [0.0] * (n_buckets + 1)
 
     def flush(self) -> None:
-        values = self.values
+        values = self.values.copy()  # a snapshot: what is added meanwhile waits for the next flush
         written = self.written
         if values == written:
             return
@@ -104,7 +107,7 @@ class _Series:
             delta = values[index] - written[index]
             if delta:
                 buckets[index - 1].inc(delta)
-        self.written = values.copy()
+        self.written = values
 
     def add(self, duration: float, upper_bounds: Sequence[float]) -> None:
         self.values[0] += duration
