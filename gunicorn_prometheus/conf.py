@@ -63,6 +63,7 @@ def gunicorn_settings(environ: MutableMapping[str, str] | None = None) -> dict[s
             "app_name": values["METRICS_APP_NAME"],
             "buckets": values["METRICS_BUCKETS"],
             "skip_paths": sorted(values["METRICS_SKIP_PATHS"]),
+            "flush_interval": values["METRICS_FLUSH_INTERVAL"],
         }
     )
     result: dict[str, Any] = {

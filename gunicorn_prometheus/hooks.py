@@ -128,6 +128,7 @@ def post_worker_init(worker: Any) -> None:
             app_name=_startup_info["app_name"],
             buckets=_startup_info["buckets"],
             skip_paths=_startup_info["skip_paths"],
+            flush_interval=_startup_info["flush_interval"],
         )
         setattr(worker, attribute, middleware)
         worker.prometheus_middleware = middleware

@@ -392,8 +392,14 @@ def test_instrumentation_can_be_turned_off(start_server, app_dir):
 def test_settings_shape_the_http_metrics(start_server, app_dir):
     write_app(app_dir, APP_WITH_OWN_METRICS)
     server = start_server(
-        app_dir, WEB_CONCURRENCY="1", METRICS_APP_NAME="shop", METRICS_BUCKETS="0.1,1", METRICS_SKIP_PATHS="/"
+        app_dir,
+        WEB_CONCURRENCY="1",
+        METRICS_APP_NAME="shop",
+        METRICS_BUCKETS="0.1,1",
+        METRICS_SKIP_PATHS="/",
+        METRICS_FLUSH_INTERVAL="0",
     )
+    assert server.config()["flush_interval"] == 0
     server.wait_metrics_ready()
     server.get("/")
     server.get("/items/1")

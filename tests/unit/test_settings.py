@@ -51,6 +51,7 @@ def test_empty_value_means_default_elsewhere():
         ("METRICS_INSTRUMENT", "maybe", "true or false"),
         ("METRICS_BUCKETS", "1,0.5", "increasing numbers"),
         ("METRICS_SKIP_PATHS", "health", "starting with /"),
+        ("METRICS_FLUSH_INTERVAL", "-1", "a number >= 0"),
     ],
 )
 def test_bad_value_is_one_line_naming_variable_value_and_expectation(name, value, expected):
