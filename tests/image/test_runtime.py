@@ -159,7 +159,7 @@ def test_image_metadata(engine, image):
     assert "PYTHONPATH=/app" in config["Env"]
     assert not config.get("User")  # root by default, like upstream; `--user 1000` works (above)
     health = config.get("Healthcheck") or data.get("Healthcheck") or data.get("HealthCheck")
-    assert health and "/healthz" in " ".join(health["Test"])
+    assert health and health["Test"] == ["CMD", "python", "-m", "gunicorn_prometheus", "healthcheck"]
     labels = config.get("Labels") or data.get("Labels") or {}
     assert labels["org.opencontainers.image.title"] == "gunicorn-prometheus"
     assert labels["org.opencontainers.image.source"].startswith("https://")
