@@ -119,6 +119,7 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
+    lifecycle.exit_cleanly_on_stop_signals()
     if _startup_info.get("instrument", True):
         from .instrumentation import PrometheusMiddleware
 

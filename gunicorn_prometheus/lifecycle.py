@@ -8,6 +8,8 @@ multiprocess files under the identity "master".
 from __future__ import annotations
 
 import resource
+import signal
+import sys
 
 from prometheus_client import Counter
 
@@ -77,3 +79,25 @@ def worker_exited(reason: str, slot_label: str) -> None:
     if total > _children_cpu_seen:
         exited_cpu.labels(slot_label).inc(total - _children_cpu_seen)
     _children_cpu_seen = total
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
+def exit_cleanly_on_stop_signals() -> None:
+    """Turn a stop signal that would kill the worker outright into a normal exit (in the worker).
+
+    Uvicorn handles SIGTERM/SIGINT/SIGQUIT while it serves, finishes in-flight requests, then raises the
+    same signal again once its own handlers are gone. Uvicorn workers leave these signals at their
+    default action, so that last signal killed the process on the spot: Gunicorn's worker_exit hook and
+    atexit never ran (a stop looked like a crash, and the last batched HTTP metrics were lost). A
+    handler that exits with status 0 lets both run. Only signals still at their default action are
+    changed, so workers that handle them in Python (Gunicorn's own `asgi` worker) keep their behaviour.
+    """
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _exit_cleanly)

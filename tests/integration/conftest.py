@@ -92,21 +92,23 @@ class Server:
     def master(self) -> psutil.Process:
         return psutil.Process(self.proc.pid)
 
+    def _children(self) -> list[tuple[psutil.Process, str]]:
+        """Live children of the master with their command lines (zombies and vanished ones left out)."""
+        found = []
+        for p in self.master().children():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append((p, " ".join(p.cmdline())))
+            except psutil.Error:
+                continue
+        return found
+
     def workers(self) -> list[psutil.Process]:
         """Worker processes as the OS sees them: the master's children, less the metrics supervisor."""
-        return [
-            p
-            for p in self.master().children()
-            if "gunicorn_prometheus.metrics_process" not in " ".join(p.cmdline())
-            and p.status() != psutil.STATUS_ZOMBIE
-        ]
+        return [p for p, cmd in self._children() if "gunicorn_prometheus.metrics_process" not in cmd]
 
     def supervisor(self) -> psutil.Process:
-        found = [
-            p
-            for p in self.master().children()
-            if "gunicorn_prometheus.metrics_process" in " ".join(p.cmdline())
-        ]
+        found = [p for p, cmd in self._children() if "gunicorn_prometheus.metrics_process" in cmd]
         assert len(found) == 1, found
         return found[0]
 

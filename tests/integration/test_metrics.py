@@ -500,3 +500,55 @@ def test_image_healthcheck_under_reload(start_server, app_dir):
     write_app(app_dir)
     server = start_server(app_dir, script="start-reload.sh")
     assert healthcheck(server) == 0
+
+
+def test_reload_with_sighup_keeps_counts_and_reuses_slots(server):
+    spread_requests(server, "GET", "/", 10)
+    scrape_until(server, lambda t: http_total(t, "/", "200") == 11, "11 requests before the reload")
+    old = {w.pid for w in server.workers()}
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: value(scrape(server), "gunicorn_worker_boots_total") == 4, 30, "two new workers")
+    wait_until(lambda: not old & {w.pid for w in server.workers()}, 30, "the old workers to be gone")
+    spread_requests(server, "GET", "/", 5)
+    text = scrape_until(server, lambda t: http_total(t, "/", "200") == 16, "16 requests after the reload")
+    promtool_check(text)
+    assert value(text, "gunicorn_worker_exits_total", reason="clean") == 2
+    directory = server.env["PROMETHEUS_MULTIPROC_DIR"]
+    slot_files = {f.rsplit("_", 1)[1] for f in os.listdir(directory) if f.endswith(".db")}
+    assert slot_files <= {"master.db", "w0.db", "w1.db", "w2.db", "w3.db"}, slot_files
+
+
+def test_ttin_and_ttou_change_the_desired_workers(server):
+    server.proc.send_signal(signal.SIGTTIN)
+    wait_until(lambda: value(scrape(server), "gunicorn_workers_alive") == 3, 30, "a third worker")
+    assert value(scrape(server), "gunicorn_workers_desired") == 3
+    server.proc.send_signal(signal.SIGTTOU)
+    wait_until(lambda: value(scrape(server), "gunicorn_workers_desired") == 2, 30, "back to two desired")
+    wait_until(lambda: value(scrape(server), "gunicorn_workers_alive") == 2, 30, "back to two workers")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signals_end_quickly_and_completely(server, sig):
+    server.proc.send_signal(sig)
+    assert server.proc.wait(15) == 0
+    assert server.session_processes() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_reload_mode_stops_on_signals(start_server, app_dir, sig):
+    """Upstream's start-reload.sh could need `docker kill`; ours stops on Ctrl-C and on docker stop."""
+    write_app(app_dir)
+    server = start_server(app_dir, script="start-reload.sh")
+    server.proc.send_signal(sig)
+    server.proc.wait(15)
+    assert server.session_processes() == []
+
+
+@pytest.mark.parametrize("worker_class", ["asgi", "uvicorn.workers.UvicornWorker"])
+def test_other_worker_classes_are_instrumented(start_server, app_dir, worker_class):
+    write_app(app_dir, APP_WITH_OWN_METRICS)
+    server = start_server(app_dir, WEB_CONCURRENCY="1", WORKER_CLASS=worker_class)
+    server.wait_metrics_ready()
+    assert server.get("/items/2").json() == {"item_id": 2, "q": None}
+    assert f"Using worker: {worker_class}" in server.logs()
+    scrape_until(server, lambda t: http_total(t, "/items/{item_id}", "200") == 1, "the request counted")
