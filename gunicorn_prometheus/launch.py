@@ -129,6 +129,11 @@ def resolve(
         )
 
     exports["PRE_START_PATH"] = values["PRE_START_PATH"] or str(app_dir / "prestart.sh")
+    # The image sets PYTHONPATH=/app; outside it, the app directory must be importable all the same, as
+    # the check above assumed.
+    python_path = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(app_dir) not in python_path:
+        exports["PYTHONPATH"] = os.pathsep.join([str(app_dir), *python_path])
     if not gunicorn:
         return exports
 

@@ -192,7 +192,6 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             {
                 "APP_DIR": str(app_dir),
                 "DEFAULT_GUNICORN_CONF": str(REPO / "gunicorn_conf.py"),
-                "PYTHONPATH": str(app_dir),  # as the image's ENV PYTHONPATH=/app
                 "HOST": "127.0.0.1",
                 "PORT": str(port),
                 "METRICS_HOST": "127.0.0.1",
@@ -209,7 +208,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [str(REPO / "image" / script)],
-                cwd=app_dir,
+                cwd=tmp_path,  # not the app directory: the start script must find the app by itself
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

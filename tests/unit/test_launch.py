@@ -100,3 +100,11 @@ def test_taken_port_is_reported_before_start(app_dir):
 
 def test_shell_exports_are_quoted():
     assert launch.shell_exports({"A": "x y'z"}) == "export A='x y'\"'\"'z'\n"
+
+
+def test_app_dir_is_put_on_the_python_path(app_dir):
+    (app_dir / "bundled.py").write_text("")
+    exports = launch.resolve(env(app_dir, PYTHONPATH="/elsewhere"), probe_ports=False)
+    assert exports["PYTHONPATH"] == f"{app_dir}:/elsewhere"
+    exports = launch.resolve(env(app_dir, PYTHONPATH=str(app_dir)), probe_ports=False)
+    assert "PYTHONPATH" not in exports
