@@ -305,3 +305,17 @@ def test_bad_configuration_is_one_line_and_nonzero(start_server, app_dir, variab
 def test_start_sh_is_what_the_image_runs():
     dockerfile = (REPO / "image" / "Dockerfile").read_text()
     assert "start.sh" in dockerfile and "start-reload.sh" in dockerfile
+
+
+def test_worker_count_follows_the_cgroup_quota(start_server, app_dir, tmp_path):
+    """A fake cgroup v2 tree allowing half a CPU: 1 usable CPU, times WORKERS_PER_CORE=3 gives 3 workers."""
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "cgroup.controllers").write_text("cpu memory\n")
+    (cgroup / "cpu.max").write_text("50000 100000\n")
+    write_app(app_dir)
+    server = start_server(app_dir, CGROUP_ROOT=str(cgroup), WORKERS_PER_CORE="3")
+    config = server.config()
+    assert (config["cpu_count"], config["cpu_source"]) == (1, "cgroup2 cpu.max (0.5 CPUs)")
+    assert config["workers"] == 3
+    wait_until(lambda: len(server.workers()) == 3, 30, "every worker")
