@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import lifecycle, metrics_process, multiproc_dir, server_state, slots
+from . import launch, lifecycle, metrics_process, multiproc_dir, server_state, slots
 from .settings import ConfigError
 
 _slots = slots.SlotTable()
@@ -90,10 +90,7 @@ def when_ready(server: Any) -> None:
     try:
         sock = metrics_process.bind_metrics_socket(host, port)
     except OSError as err:
-        raise SystemExit(
-            f"gunicorn-prometheus: configuration error: METRICS_PORT={port} cannot be bound on {host}: "
-            f"{err.strerror}"
-        ) from None
+        _exit_config_error(launch.bind_error("METRICS_PORT", host, port, err))
     try:
         _supervisor = metrics_process.start(sock, master_pid=os.getpid(), directory=_directory())
     finally:

@@ -74,6 +74,20 @@ def _host_of(bind: str) -> str:
     return bind.rpartition(":")[0].strip("[]")
 
 
+def bind_error(variable: str, host: str, port: int, err: OSError) -> ConfigError:
+    """One line saying why `host:port` cannot be bound, naming the variable and what to do."""
+    if isinstance(err, PermissionError):
+        return ConfigError(
+            f"{variable}={port} cannot be bound on {host} by uid {os.geteuid()}: ports below 1024 need "
+            f"root or CAP_NET_BIND_SERVICE; use a port >= 1024 such as 8080 when running as non-root"
+        )
+    if err.errno == errno.EADDRINUSE:
+        return ConfigError(f"{variable}={port} is already in use on {host}: choose a free port")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"{variable}: address {host} is not available on this machine")
+    return ConfigError(f"{variable}={port} cannot be bound on {host}: {err.strerror}")
+
+
 def probe_bind(host: str, port: int, variable: str) -> None:
     """Fail now, in one line, where the server would fail to bind later (taken port, < 1024 as non-root)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -81,19 +95,8 @@ def probe_bind(host: str, port: int, variable: str) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except PermissionError:
-            raise ConfigError(
-                f"{variable}={port} cannot be bound on {host} by uid {os.geteuid()}: ports below 1024 need "
-                f"root or CAP_NET_BIND_SERVICE; use a port >= 1024 such as 8080 when running as non-root"
-            ) from None
         except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"{variable}={port} is already in use on {host}: choose a free port"
-                ) from None
-            if err.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError(f"{variable}: address {host} is not available on this machine") from None
-            raise ConfigError(f"{variable}={port} cannot be bound on {host}: {err.strerror}") from None
+            raise bind_error(variable, host, port, err) from None
 
 
 def resolve(
