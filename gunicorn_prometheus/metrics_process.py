@@ -48,21 +48,26 @@ def bind_metrics_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _command(module: str, fd: int, master_pid: int, directory: str) -> list[str]:
+    """A fresh interpreter running `module` on the inherited socket (see `parse_args`)."""
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--fd",
+        str(fd),
+        "--master-pid",
+        str(master_pid),
+        "--dir",
+        directory,
+    ]
+
+
 def start(sock: socket.socket, *, master_pid: int, directory: str) -> subprocess.Popen:
     """Spawn the supervisor with the listening socket; the caller closes its own copy afterwards."""
     fd = sock.fileno()
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn_prometheus.metrics_process",
-            "--fd",
-            str(fd),
-            "--master-pid",
-            str(master_pid),
-            "--dir",
-            directory,
-        ],
+        _command("gunicorn_prometheus.metrics_process", fd, master_pid, directory),
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
     )
@@ -95,17 +100,7 @@ def supervise(fd: int, master_pid: int, directory: str) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the master decides.
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn_prometheus.metrics_server",
-        "--fd",
-        str(fd),
-        "--master-pid",
-        str(master_pid),
-        "--dir",
-        directory,
-    ]
+    command = _command("gunicorn_prometheus.metrics_server", fd, master_pid, directory)
     delay = RESTART_DELAY
     server: subprocess.Popen | None = None
     while not stopping and os.getppid() == master_pid:
