@@ -1,0 +1,145 @@
+"""Every query of grafana/dashboard.json answers with series from a real Prometheus scraping a real server.
+
+The dashboard's variables are substituted as Grafana would ($__rate_interval: 30 s over 1 s scrapes, the
+job, instance and app_name of this server), each panel query goes to Prometheus' query API, and each must
+return at least one series: a renamed metric, a label the server does not have or a broken expression
+shows up here as an empty panel would in Grafana.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import httpx
+from conftest import REPO, wait_until, write_app
+from test_prometheus_server import prometheus, query  # noqa: F401
+
+DASHBOARD = json.loads((Path(REPO) / "grafana" / "dashboard.json").read_text())
+RATE_INTERVAL = "30s"  # what Grafana would pick for 1 s scrapes and a short time range: a few samples
+
+APP = """
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+
+    @app.get("/")
+    def read_root():
+        return {"Hello": "World"}
+
+
+    @app.get("/items/{item_id}")
+    def read_item(item_id: int, q: str | None = None):
+        return {"item_id": item_id, "q": q}
+
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("boom")
+"""
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    """(panel title, legend, expression) of every target of every panel, rows' nested panels included."""
+    found = []
+    for panel in DASHBOARD["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            for target in inner.get("targets", []):
+                found.append((inner["title"], target.get("legendFormat", ""), target["expr"]))
+    return found
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    expr = expr.replace("$__rate_interval", RATE_INTERVAL)
+    for name, value in values.items():
+        expr = expr.replace(f"${name}", value)
+    assert "$" not in expr, expr
+    return expr
+
+
+def send_traffic(server) -> None:
+    """Successes on two routes, a 404 (no route: __unknown__) and a 500 (an exception in the app)."""
+    for i in range(10):
+        assert server.get(f"/items/{i}?q=x").status_code == 200
+    assert server.get("/").status_code == 200
+    assert server.get("/no/such/route").status_code == 404
+    assert server.get("/boom").status_code == 500
+
+
+def label_values(base: str, label: str, match: str) -> list[str]:
+    try:
+        response = httpx.get(f"{base}/api/v1/label/{label}/values", params={"match[]": match}, timeout=5)
+    except httpx.HTTPError:
+        return []
+    return response.json()["data"] if response.status_code == 200 else []
+
+
+def test_every_dashboard_query_returns_series(start_server, app_dir, prometheus):  # noqa: F811
+    started = time.monotonic()
+    write_app(app_dir, APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="2")
+    server.wait_metrics_ready()
+    base = prometheus(f"127.0.0.1:{server.metrics_port}")
+    values = {"job": "app", "instance": f"127.0.0.1:{server.metrics_port}", "app_name": "starlette"}
+    selector = f'job="{values["job"]}", instance="{values["instance"]}"'
+
+    wait_until(lambda: query(base, f"up{{{selector}}} == 1"), 30, "Prometheus' first successful scrape")
+    # Two samples of every request series, with traffic in between: rate() and increase() need both.
+    send_traffic(server)
+    wait_until(
+        lambda: query(base, f'starlette_requests_total{{{selector}, status_code="500"}}'),
+        15,
+        "a scrape holding the first requests",
+    )
+    send_traffic(server)
+    errors = f'sum(rate(starlette_requests_total{{{selector}, status_code="500"}}[{RATE_INTERVAL}])) > 0'
+    wait_until(lambda: query(base, errors), 15, "a scrape holding the second requests")
+    # a few scrapes in the window, so increase() on the worker counters has samples to compare
+    scrapes = f"count_over_time(up{{{selector}}}[{RATE_INTERVAL}]) >= 4"
+    wait_until(lambda: query(base, scrapes), 15, "four scrapes")
+
+    # The template variables list this server's values (Grafana's label_values() is this API call).
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"] if v["type"] == "query"}
+    for name, variable in variables.items():
+        match = variable["definition"].removeprefix("label_values(").rsplit(", ", 1)[0]
+        match = substitute(match, {k: v for k, v in values.items() if k != name})
+        found = label_values(base, name, match)
+        assert values[name] in found, (name, match, found)
+
+    queries = [(title, legend, substitute(expr, values)) for title, legend, expr in panel_queries()]
+    assert len(queries) >= 20
+    results: dict[str, list[dict]] = {}
+
+    def all_answered() -> bool:
+        for _, _, expr in queries:
+            if not results.get(expr):
+                results[expr] = query(base, expr)
+        return all(results.values())
+
+    try:
+        wait_until(all_answered, 15, "every panel query to return series")
+    except AssertionError:
+        empty = [f"{title} [{legend}]: {expr}" for title, legend, expr in queries if not results[expr]]
+        raise AssertionError("panel queries without any series:\n" + "\n".join(empty)) from None
+
+    def value(title: str, legend: str) -> float:
+        (expr,) = [e for t, lg, e in queries if t == title and lg == legend]
+        return float(results[expr][0]["value"][1])
+
+    by_path_status = next(e for t, _, e in queries if t == "Request rate by path and status")
+    series = {(r["metric"]["path"], r["metric"]["status_code"]) for r in results[by_path_status]}
+    assert {("/items/{item_id}", "200"), ("/", "200"), ("__unknown__", "404"), ("/boom", "500")} <= series
+    assert sum(float(r["value"][1]) for r in results[by_path_status]) > 0
+    assert value("Requests/s", "requests/s") > 0
+    assert 0 < value("Error ratio (5xx)", "5xx ratio") < 1
+    assert math.isfinite(value("Latency p50 / p95 / p99", "p99"))
+    assert value("Workers desired / alive / serving", "desired") == 2
+    assert value("Workers desired / alive / serving", "serving") == 2
+    assert value("Target up", "{{instance}}") == 1
+    assert value("Master up", "{{instance}}") == 1
+    processes = next(e for t, _, e in queries if t == "Resident memory per process")
+    assert {r["metric"].get("process") for r in results[processes]} >= {"master", "metrics", "w0", "w1"}
+    assert time.monotonic() - started < 40
