@@ -172,8 +172,12 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
 
 
 def on_exit(server: Any) -> None:
+    global _lock_fd
     if _supervisor is not None:
         metrics_process.stop(_supervisor)
+    if _lock_fd is not None:
+        multiproc_dir.release(_directory(), _lock_fd)
+        _lock_fd = None
     sys.stdout.flush()
 
 

@@ -8,6 +8,7 @@ exclusive lock on it for its whole life and refuses to start when another server
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -58,6 +59,22 @@ def prepare(directory: str | os.PathLike[str]) -> int:
     shutil.rmtree(path / STATE_DIR, ignore_errors=True)
     (path / STATE_DIR).mkdir(mode=0o700)
     return lock_fd
+
+
+def release(directory: str | os.PathLike[str], lock_fd: int) -> None:
+    """On a clean stop: remove our files (the directory too when that leaves it empty) and unlock.
+
+    In a container /dev/shm goes away with it anyway; on a host it would otherwise keep the last run's
+    files in memory until the next start.
+    """
+    path = Path(directory)
+    for ours in path.glob("*.db"):
+        ours.unlink(missing_ok=True)
+    shutil.rmtree(path / STATE_DIR, ignore_errors=True)
+    (path / LOCK_NAME).unlink(missing_ok=True)
+    os.close(lock_fd)
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def state_dir(directory: str | os.PathLike[str]) -> Path:

@@ -339,6 +339,7 @@ def test_stop_leaves_nothing_running_and_finishes_in_flight(server):
     assert result["response"].json() == {"slept": 2.0}
     assert server.proc.wait(20) == 0
     assert server.session_processes() == []
+    assert not os.path.exists(server.env["PROMETHEUS_MULTIPROC_DIR"])  # nothing left in memory either
 
 
 def test_metrics_port_taken_fails_in_one_line(start_server, app_dir):
