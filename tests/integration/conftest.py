@@ -153,6 +153,14 @@ class Server:
             self.proc.wait()
         return self.proc.returncode
 
+    def wait_all_gone(self, timeout: float = 5.0) -> None:
+        """Every process the server started ends within `timeout` of the server's own exit.
+
+        Not at the same instant: e.g. multiprocessing's resource tracker, which Uvicorn's reloader starts,
+        leaves once its last user has exited.
+        """
+        wait_until(lambda: not self.session_processes(), timeout, "every process of the server to end")
+
     def session_processes(self) -> list[psutil.Process]:
         found = []
         for p in psutil.process_iter(["pid"]):

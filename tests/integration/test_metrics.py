@@ -338,7 +338,7 @@ def test_stop_leaves_nothing_running_and_finishes_in_flight(server):
     thread.join(20)
     assert result["response"].json() == {"slept": 2.0}
     assert server.proc.wait(20) == 0
-    assert server.session_processes() == []
+    server.wait_all_gone()
     assert not os.path.exists(server.env["PROMETHEUS_MULTIPROC_DIR"])  # nothing left in memory either
 
 
@@ -532,7 +532,7 @@ def test_ttin_and_ttou_change_the_desired_workers(server):
 def test_stop_signals_end_quickly_and_completely(server, sig):
     server.proc.send_signal(sig)
     assert server.proc.wait(15) == 0
-    assert server.session_processes() == []
+    server.wait_all_gone()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -542,7 +542,7 @@ def test_reload_mode_stops_on_signals(start_server, app_dir, sig):
     server = start_server(app_dir, script="start-reload.sh")
     server.proc.send_signal(sig)
     server.proc.wait(15)
-    assert server.session_processes() == []
+    server.wait_all_gone()
 
 
 @pytest.mark.parametrize("worker_class", ["asgi", "uvicorn.workers.UvicornWorker"])
