@@ -15,31 +15,11 @@ from pathlib import Path
 
 import httpx
 from conftest import REPO, wait_until, write_app
+from test_metrics import APP_WITH_OWN_METRICS as APP  # has /, /items/{item_id} and a raising /boom
 from test_prometheus_server import prometheus, query  # noqa: F401
 
 DASHBOARD = json.loads((Path(REPO) / "grafana" / "dashboard.json").read_text())
 RATE_INTERVAL = "30s"  # what Grafana would pick for 1 s scrapes and a short time range: a few samples
-
-APP = """
-    from fastapi import FastAPI
-
-    app = FastAPI()
-
-
-    @app.get("/")
-    def read_root():
-        return {"Hello": "World"}
-
-
-    @app.get("/items/{item_id}")
-    def read_item(item_id: int, q: str | None = None):
-        return {"item_id": item_id, "q": q}
-
-
-    @app.get("/boom")
-    def boom():
-        raise RuntimeError("boom")
-"""
 
 
 def panel_queries() -> list[tuple[str, str, str]]:
