@@ -153,6 +153,13 @@ class Server:
             self.proc.wait()
         return self.proc.returncode
 
+    def failed_start_logs(self, timeout: float = 30.0) -> str:
+        """The logs of a start that must fail: a non-zero exit, and no Python traceback on the way."""
+        assert self.proc.wait(timeout) != 0, self.logs()
+        logs = self.logs()
+        assert "Traceback" not in logs, logs
+        return logs
+
     def wait_all_gone(self, timeout: float = 5.0) -> None:
         """Every process the server started ends within `timeout` of the server's own exit.
 
