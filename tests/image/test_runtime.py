@@ -85,8 +85,12 @@ def test_restart_starts_clean(served):
     served.restart()
     assert served.wait_http("/").json() == {"Hello": "World"}
     served.wait_http("/healthz", 9464)
+    # /healthz answers once one worker serves; the second may still be starting: wait for both
+    served.wait_until(
+        lambda: served.logs().count("Application startup complete.") >= startups + 2,
+        "both workers of the restarted container to start",
+    )
     logs = served.logs()
-    assert logs.count("Application startup complete.") >= startups + 2
     assert logs.count("Checking for script in /app/prestart.sh") == 2
     # The multiprocess directory is emptied at start: nothing from the first run is counted again.
     assert request_count(served, "/items/") == 0
