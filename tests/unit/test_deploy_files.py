@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -456,3 +457,93 @@ def test_k8s_service_monitor_scrapes_the_metrics_port():
     assert monitor["spec"]["selector"]["matchLabels"].items() <= docs["Service"]["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+
+
+# kubernetes-validate checks the core kinds (Deployment, Service, PodDisruptionBudget,
+# HorizontalPodAutoscaler) against the Kubernetes OpenAPI schemas, offline. It has no schemas for custom
+# resources (ServiceMonitor, PodMonitor, PrometheusRule: monitoring.coreos.com): those are checked by
+# shape only, by the tests above and below and by tests/unit/test_rules.py.
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "kustomize.config.k8s.io/")
+KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+
+
+def kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess:
+    assert KUBERNETES_VALIDATE.exists(), "kubernetes-validate is missing: run scripts/install --test"
+    return subprocess.run(
+        [str(KUBERNETES_VALIDATE), "--strict", *map(str, paths)], capture_output=True, text=True, timeout=120
+    )
+
+
+def core_manifests() -> list[Path]:
+    found = []
+    for path in sorted((REPO / "k8s").rglob("*.yaml")):
+        kinds = {
+            doc["apiVersion"].startswith(CUSTOM_API_GROUPS) for doc in yaml.safe_load_all(path.read_text())
+        }
+        if kinds == {False}:
+            found.append(path)
+        else:
+            assert kinds == {True}, f"{path}: keep core and custom resources in separate files"
+    return found
+
+
+def test_k8s_core_manifests_pass_kubernetes_validate_strict():
+    manifests = core_manifests()
+    assert {p.name for p in manifests} == {"deployment.yaml", "service.yaml", "pdb.yaml", "hpa.yaml"}
+    result = kubernetes_validate(*manifests)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in manifests:
+        assert f"{path} passed for resource" in result.stdout + result.stderr, (path, result.stdout)
+
+
+def test_kubernetes_validate_strict_rejects_an_unknown_field(tmp_path):
+    """The check above can fail: a misspelt field in the Deployment is refused."""
+    deployment = load_yaml("k8s/deployment.yaml")
+    deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
+    path = tmp_path / "deployment.yaml"
+    path.write_text(yaml.safe_dump(deployment))
+    result = kubernetes_validate(path)
+    assert result.returncode != 0 and "terminationGracePeriod" in result.stdout + result.stderr
+
+
+def test_k8s_hpa_scales_the_deployment_and_its_variant_is_valid(tmp_path):
+    docs = k8s_documents()
+    hpa, deployment = docs["HorizontalPodAutoscaler"], docs["Deployment"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        deployment["apiVersion"],
+        "Deployment",
+        deployment["metadata"]["name"],
+    )
+    assert "replicas" not in deployment["spec"]  # the HPA owns the count; apply must not reset it
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    # the commented prometheus-adapter variant, uncommented, is a valid HPA too
+    text = (REPO / "k8s" / "hpa.yaml").read_text()
+    block = text.split("# variant-begin\n", 1)[1].split("# variant-end", 1)[0]
+    variant = yaml.safe_load("\n".join(line.removeprefix("# ") for line in block.splitlines()))
+    hpa["spec"]["metrics"] = variant["metrics"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "starlette_requests_in_progress"
+    path = tmp_path / "hpa-variant.yaml"
+    path.write_text(yaml.safe_dump(hpa))
+    result = kubernetes_validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_k8s_pdb_keeps_a_pod_serving_and_lets_drains_proceed():
+    docs = k8s_documents()
+    pdb = docs["PodDisruptionBudget"]
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # minAvailable below the fewest replicas the HPA keeps, or a drain could never evict a pod
+    assert 1 <= pdb["spec"]["minAvailable"] < docs["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+
+
+def test_k8s_pod_monitor_alternative_scrapes_the_metrics_port(container):
+    monitor = load_yaml("k8s/alternatives/podmonitor.yaml")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    pod_labels = k8s_documents()["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert named_port(container, endpoint["port"]) == METRICS_PORT and endpoint["path"] == "/metrics"
