@@ -13,12 +13,12 @@ from conftest import free_port, wait_until, write_app
 
 @pytest.fixture
 def prometheus(tmp_path):
-    """Start Prometheus on loopback with a config written by the test; stopped at teardown."""
+    """Start Prometheus on loopback with a config written by the test, and rule files; stopped at teardown."""
     binary = shutil.which("prometheus")
     assert binary, "the Debian package `prometheus` is missing: run scripts/install --test"
     procs = []
 
-    def start(target: str) -> str:
+    def start(target: str, rule_files: tuple[str, ...] = ()) -> str:
         port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(
@@ -26,6 +26,8 @@ def prometheus(tmp_path):
             global:
               scrape_interval: 1s
               scrape_timeout: 1s
+              evaluation_interval: 1s
+            rule_files: {list(rule_files)!r}
             scrape_configs:
               - job_name: app
                 static_configs:
