@@ -64,6 +64,7 @@ def gunicorn_settings(environ: MutableMapping[str, str] | None = None) -> dict[s
             "buckets": values["METRICS_BUCKETS"],
             "skip_paths": sorted(values["METRICS_SKIP_PATHS"]),
             "flush_interval": values["METRICS_FLUSH_INTERVAL"],
+            "saturation": values["METRICS_SATURATION"],
         }
     )
     result: dict[str, Any] = {

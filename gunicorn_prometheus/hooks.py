@@ -130,6 +130,10 @@ def post_worker_init(worker: Any) -> None:
         )
         setattr(worker, attribute, middleware)
         worker.prometheus_middleware = middleware
+    if _startup_info.get("saturation", True):
+        from . import loop_monitor
+
+        loop_monitor.install(worker, slots.slot_identity(worker.prometheus_slot))
     server_state.mark_worker(_state(), worker.prometheus_slot, os.getpid(), serving=True)
 
 

@@ -361,6 +361,14 @@ SETTINGS: tuple[Setting, ...] = (
         default="0.1",
     ),
     Setting(
+        "METRICS_SATURATION",
+        METRICS,
+        _bool,
+        "Sample each worker's event-loop lag and AnyIO thread pool ten times a second (see Saturation); "
+        "false turns the sampling off.",
+        default="true",
+    ),
+    Setting(
         "METRICS_SKIP_PATHS",
         METRICS,
         _paths,

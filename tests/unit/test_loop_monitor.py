@@ -1,0 +1,125 @@
+"""The worker's loop monitor on real event loops (asyncio and uvloop), with real AnyIO thread pools."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import anyio
+import anyio.to_thread
+import pytest
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from gunicorn_prometheus import loop_monitor, names
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def value(registry: CollectorRegistry, name: str, process: str = "w0", **labels: str) -> float | None:
+    return registry.get_sample_value(name, {"process": process, **labels})
+
+
+def above(registry: CollectorRegistry, bound: str, process: str = "w0") -> float:
+    """Samples of the lag histogram greater than `bound` seconds."""
+    count = value(registry, names.EVENT_LOOP_LAG + "_count", process) or 0.0
+    return count - (value(registry, names.EVENT_LOOP_LAG + "_bucket", process, le=bound) or 0.0)
+
+
+def run(loop_name: str, main, monitor: loop_monitor.LoopMonitor) -> None:
+    loop = LOOPS[loop_name]()
+    try:
+        monitor.start(loop)
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_blocked_loop_shows_as_lag(loop_name: str) -> None:
+    registry = CollectorRegistry()
+    monitor = loop_monitor.LoopMonitor("w0", registry=registry)
+
+    async def main() -> None:
+        await wait_for(lambda: (value(registry, names.EVENT_LOOP_LAG + "_count") or 0) >= 3)
+        assert above(registry, "0.05") == 0  # an idle loop: no lag worth the name
+        time.sleep(0.2)  # blocks the loop, as a sync call in an async route does
+        await asyncio.sleep(0)
+        await wait_for(lambda: above(registry, "0.1") >= 1, timeout=1.0)
+
+    run(loop_name, main, monitor)
+    assert above(registry, "0.1") == 1
+    assert 0.1 <= value(registry, names.EVENT_LOOP_LAG_MAX) <= 0.5
+
+
+def test_the_worst_lag_leaves_the_gauge_after_its_window() -> None:
+    registry = CollectorRegistry()
+    monitor = loop_monitor.LoopMonitor("w3", window=1, registry=registry)
+    seen: list[float] = []
+
+    async def main() -> None:
+        time.sleep(0.15)
+        await wait_for(lambda: (value(registry, names.EVENT_LOOP_LAG_MAX, "w3") or 0) >= 0.05, 1.0)
+        seen.append(value(registry, names.EVENT_LOOP_LAG_MAX, "w3"))
+        await wait_for(lambda: value(registry, names.EVENT_LOOP_LAG_MAX, "w3") < 0.05, 3.0)
+
+    run("asyncio", main, monitor)
+    assert seen and seen[0] >= 0.05
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_threadpool_tokens_and_waiting_tasks(loop_name: str) -> None:
+    registry = CollectorRegistry()
+    monitor = loop_monitor.LoopMonitor("w1", registry=registry)
+    release = None
+
+    async def main() -> None:
+        nonlocal release
+        import threading
+
+        release = threading.Event()
+        await wait_for(lambda: value(registry, names.THREADPOOL_LIMIT, "w1") == 40)
+        async with anyio.create_task_group() as tasks:
+            for _ in range(45):
+                tasks.start_soon(anyio.to_thread.run_sync, release.wait)
+            await wait_for(
+                lambda: (
+                    value(registry, names.THREADPOOL_IN_USE, "w1") == 40
+                    and value(registry, names.THREADPOOL_WAITING, "w1") == 5
+                )
+            )
+            release.set()
+        await wait_for(lambda: value(registry, names.THREADPOOL_IN_USE, "w1") == 0)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 7
+        await wait_for(lambda: value(registry, names.THREADPOOL_LIMIT, "w1") == 7)
+
+    run(loop_name, main, monitor)
+    assert value(registry, names.THREADPOOL_WAITING, "w1") == 0
+
+
+def test_starts_on_the_first_asgi_call_and_passes_everything_through() -> None:
+    registry = CollectorRegistry()
+    monitor = loop_monitor.LoopMonitor("w2", registry=registry)
+    calls = []
+
+    async def app(scope, receive, send) -> None:
+        calls.append((scope, receive, send))
+
+    wrapped = loop_monitor.StartOnFirstCall(app, monitor)
+    assert not monitor.started
+
+    async def main() -> None:
+        await wrapped({"type": "lifespan"}, "r", "s")
+        assert monitor.loop is asyncio.get_running_loop()
+        await wrapped({"type": "http"}, "r2", "s2")
+        await wait_for(lambda: (value(registry, names.EVENT_LOOP_LAG + "_count", "w2") or 0) >= 1)
+
+    asyncio.run(main())
+    assert calls == [({"type": "lifespan"}, "r", "s"), ({"type": "http"}, "r2", "s2")]
