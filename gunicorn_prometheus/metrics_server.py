@@ -21,7 +21,7 @@ import psutil
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from . import process_stats, server_state
+from . import listen_backlog, process_stats, server_state
 from .collector import MultiProcessDirCollector
 from .derived import derive_request_totals
 from .lifecycle import EXITED_CPU_METRIC
@@ -111,6 +111,7 @@ class ServerCollector:
             process_stats.worker_samples(snap["workers"]),
             process_stats.exited_cpu(exited),
         )
+        yield from listen_backlog.families(self.view.master_pid)
 
 
 def make_app(directory: str, master_pid: int):
