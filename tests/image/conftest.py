@@ -26,7 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from image_support import LABEL, REPO, RUN_ID, STOP_TIMEOUT, Container, Engine, docker_answers
+
+from tests.support.containers import LABEL, RUN_ID, STOP_TIMEOUT, Container, Engine, docker_answers
+from tests.support.paths import REPO
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -5,18 +5,16 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from image_support import REPO, RUN_ID
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.containers import RUN_ID
+from tests.support.metrics_text import value
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.image
 
 
 def items_read(container) -> float:
-    for family in text_string_to_metric_families(container.get("/metrics", 9464).text):
-        for sample in family.samples:
-            if sample.name == "items_read_total":
-                return sample.value
-    return 0.0
+    return value(container.get("/metrics", 9464).text, "items_read_total")
 
 
 def test_user_project_counter_is_aggregated(engine, image, make_container):

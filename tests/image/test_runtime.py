@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from image_support import APPS, Container, Response
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.containers import APPS, Container, Response
+from tests.support.metrics_text import total
 
 pytestmark = pytest.mark.image
 
@@ -19,19 +20,13 @@ REQUESTS = "starlette_requests_total"
 
 def request_count(container: Container, path_prefix: str) -> float:
     """Sum of the aggregated request counter for GET <path_prefix>... answered 200, from /metrics."""
-    text = container.get("/metrics", 9464).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = sample.labels
-            if (
-                sample.name == REQUESTS
-                and labels.get("method") == "GET"
-                and labels.get("status_code") == "200"
-                and labels.get("path", "").startswith(path_prefix)
-            ):
-                total += sample.value
-    return total
+    return total(
+        container.get("/metrics", 9464).text,
+        REQUESTS,
+        lambda labels: labels.get("path", "").startswith(path_prefix),
+        method="GET",
+        status_code="200",
+    )
 
 
 def get_many(container: Container, paths: list[str], parallel: int = 8) -> list[Response]:

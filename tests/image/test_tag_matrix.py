@@ -10,7 +10,8 @@ import re
 
 import pytest
 import yaml
-from image_support import REPO
+
+from tests.support.paths import REPO
 
 WORKFLOW = REPO / ".github" / "workflows" / "release.yml"
 DOCKERFILE = REPO / "image" / "Dockerfile"

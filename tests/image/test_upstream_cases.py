@@ -7,7 +7,8 @@ the worker count run with WEB_CONCURRENCY=1 to keep the module fast on 2 cores.
 from __future__ import annotations
 
 import pytest
-from image_support import APPS, Container
+
+from tests.support.containers import APPS, Container
 
 pytestmark = pytest.mark.image
 

@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import REPO, wait_until, write_app
-from test_metrics import APP_WITH_OWN_METRICS as APP  # has /, /items/{item_id} and a raising /boom
-from test_prometheus_server import prometheus, query  # noqa: F401
 
 from gunicorn_prometheus import names
+from tests.support.apps import APP_WITH_OWN_METRICS as APP  # has /, /items/{item_id} and a raising /boom
+from tests.support.paths import REPO
+from tests.support.prometheus import query
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 DASHBOARD = json.loads((Path(REPO) / "grafana" / "dashboard.json").read_text())
 RULES = str(Path(REPO) / "deploy" / "rules.yml")
@@ -95,7 +97,7 @@ def label_values(base: str, label: str, match: str) -> list[str]:
     return response.json()["data"] if response.status_code == 200 else []
 
 
-def test_every_dashboard_query_returns_series(start_server, app_dir, prometheus):  # noqa: F811
+def test_every_dashboard_query_returns_series(start_server, app_dir, prometheus):
     started = time.monotonic()
     write_app(app_dir, APP)
     server = start_server(app_dir, WEB_CONCURRENCY="2")

@@ -12,61 +12,12 @@ import subprocess
 
 import httpx
 import pytest
-from conftest import VENV_BIN, wait_until, write_app
-from prometheus_client.parser import text_string_to_metric_families
 
-APP_WITH_OWN_METRICS = """
-    import asyncio
-    import time
-
-    from fastapi import FastAPI, HTTPException
-    from prometheus_client import Counter, Gauge, Histogram
-
-    app = FastAPI()
-    ORDERS = Counter("shop_orders", "Orders placed.", ["kind"])
-    BASKET = Histogram("shop_basket_items", "Items per basket.", buckets=(1, 5, 10))
-    OPEN_CARTS = Gauge("shop_open_carts", "Carts open now.", multiprocess_mode="livesum")
-
-
-    @app.get("/")
-    def read_root():
-        return {"Hello": "World"}
-
-
-    @app.get("/items/{item_id}")
-    def read_item(item_id: int, q: str | None = None):
-        return {"item_id": item_id, "q": q}
-
-
-    @app.post("/orders/{kind}")
-    def order(kind: str, items: int = 1):
-        ORDERS.labels(kind).inc()
-        BASKET.observe(items)
-        OPEN_CARTS.inc()
-        return {"ok": True}
-
-
-    @app.get("/teapot")
-    def teapot():
-        raise HTTPException(status_code=418)
-
-
-    @app.get("/boom")
-    def boom():
-        raise RuntimeError("boom")
-
-
-    @app.get("/block")
-    async def block(seconds: float = 5):
-        time.sleep(seconds)  # blocks the event loop: the worker stops heart-beating
-        return {"slept": seconds}
-
-
-    @app.get("/slow")
-    async def slow(seconds: float = 1):
-        await asyncio.sleep(seconds)
-        return {"slept": seconds}
-"""
+from tests.support.apps import APP_WITH_OWN_METRICS
+from tests.support.metrics_text import promtool_check, samples, value
+from tests.support.paths import VENV_BIN
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 
 def scrape(server, **headers) -> str:
@@ -88,25 +39,6 @@ def scrape_until(server, check, what: str, timeout: float = 15.0) -> str:
     except AssertionError:
         raise AssertionError(f"{what} never held; last scrape:\n{last.get('text')}") from None
     return last["text"]
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return found
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def promtool_check(text: str) -> None:
-    result = subprocess.run(
-        ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
-    )
-    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
 def http_total(text: str, path: str, status: str, method: str = "GET") -> float:

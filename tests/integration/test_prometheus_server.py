@@ -2,71 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import textwrap
-
-import httpx
-import pytest
-from conftest import free_port, wait_until, write_app
-
-
-@pytest.fixture
-def prometheus(tmp_path):
-    """Start Prometheus on loopback with a config written by the test, and rule files; stopped at teardown."""
-    binary = shutil.which("prometheus")
-    assert binary, "the Debian package `prometheus` is missing: run scripts/install --test"
-    procs = []
-
-    def start(target: str, rule_files: tuple[str, ...] = ()) -> str:
-        port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            textwrap.dedent(f"""
-            global:
-              scrape_interval: 1s
-              scrape_timeout: 1s
-              evaluation_interval: 1s
-            rule_files: {list(rule_files)!r}
-            scrape_configs:
-              - job_name: app
-                static_configs:
-                  - targets: ["{target}"]
-        """)
-        )
-        log = (tmp_path / "prometheus.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def query(base: str, expr: str) -> list[dict]:
-    try:
-        response = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5)
-    except httpx.HTTPError:
-        return []
-    if response.status_code != 200:
-        return []
-    return response.json()["data"]["result"]
+from tests.support.prometheus import query
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 
 def test_prometheus_scrapes_the_metrics_port(start_server, app_dir, prometheus):

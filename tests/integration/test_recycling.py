@@ -7,8 +7,10 @@ import threading
 import time
 
 import httpx
-from conftest import wait_until, write_app
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.metrics_text import samples
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 # A bare ASGI app: a worker boots in a fraction of a second, so hundreds of recycles fit in a test.
 TINY_APP = """
@@ -27,17 +29,18 @@ TINY_APP = """
 
 
 def totals(text: str) -> dict[str, float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in (
-                "starlette_requests_total",
-                "tiny_hits_total",
-                "gunicorn_worker_exits_total",
-                "gunicorn_worker_boots_total",
-            ):
-                key = s.name + ("" if "reason" not in s.labels else f"[{s.labels['reason']}]")
-                found[key] = found.get(key, 0.0) + s.value
+    """Counts summed over every label but `reason`: e.g. "gunicorn_worker_exits_total[max_requests]"."""
+    found: dict[str, float] = {}
+    for (name, labels), count in samples(text).items():
+        if name in (
+            "starlette_requests_total",
+            "tiny_hits_total",
+            "gunicorn_worker_exits_total",
+            "gunicorn_worker_boots_total",
+        ):
+            reason = dict(labels).get("reason")
+            key = name + ("" if reason is None else f"[{reason}]")
+            found[key] = found.get(key, 0.0) + count
     return found
 
 

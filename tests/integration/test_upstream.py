@@ -10,9 +10,12 @@ import socket
 import textwrap
 
 import pytest
-from conftest import REPO, free_port, wait_until, write_app
 
 from gunicorn_prometheus import cpu
+from tests.support.net import free_port
+from tests.support.paths import REPO
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 CPUS = cpu.detect().count
 

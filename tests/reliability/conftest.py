@@ -6,20 +6,18 @@ Every test here starts a real master with real workers on loopback ports of its 
 answered with what the metrics port counted. Each test records its figures with `figures.record(...)`;
 `scripts/reliability-report` runs this directory and renders them into docs/reliability.md.
 
-The server-starting fixtures are the integration tests' own (one definition of how a server starts);
-they are loaded from tests/integration/conftest.py by path until the shared helpers live in tests/support.
+The server-starting fixtures (start_server, app_dir) are tests/conftest.py's, shared by every test
+directory; the helpers behind them live in tests/support.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,20 +31,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-_spec = importlib.util.spec_from_file_location(
-    "integration_conftest", Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-_integration = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _integration  # dataclasses look their module up there
-_spec.loader.exec_module(_integration)
-
-# Re-exported fixtures: pytest registers fixtures found in a conftest's namespace.
-start_server = _integration.start_server
-app_dir = _integration.app_dir
-Server = _integration.Server
-wait_until = _integration.wait_until
-write_app = _integration.write_app
+from tests.support.server import Server, write_app  # noqa: F401 (test modules import them from here)
+from tests.support.waiting import wait_until  # noqa: F401
 
 #: Where the figures go: set by scripts/reliability-report; unset in a normal test run (nothing written).
 RESULTS_ENV = "RELIABILITY_RESULTS"

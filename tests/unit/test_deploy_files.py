@@ -12,15 +12,14 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from gunicorn_prometheus import names, settings
+from tests.support.paths import REPO, VENV_BIN
 
-REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_PATH = REPO / "grafana" / "dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 METRICS_PORT = int(settings.BY_NAME["METRICS_PORT"].default)
@@ -519,7 +518,7 @@ def test_k8s_service_monitor_scrapes_the_metrics_port():
 # resources (ServiceMonitor, PodMonitor, PrometheusRule: monitoring.coreos.com): those are checked by
 # shape only, by the tests above and below and by tests/unit/test_rules.py.
 CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "kustomize.config.k8s.io/")
-KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+KUBERNETES_VALIDATE = VENV_BIN / "kubernetes-validate"
 
 
 def kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess:

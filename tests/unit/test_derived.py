@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from gunicorn_prometheus.derived import DerivedCollector, derive_request_totals, request_totals
+from tests.support.child import run_python
 
 LABELS = ["method", "path", "status_code", "app_name"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def families_with_requests() -> tuple[CollectorRegistry, list[Metric]]:
@@ -97,20 +93,16 @@ def test_on_multiprocess_collector_output(tmp_path: Path):
     """Two 'workers' write histogram files; the aggregated _count becomes the counter."""
     directory = tmp_path / "mp"
     directory.mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(directory))
-    worker = textwrap.dedent(
-        """
+    worker = """
         from prometheus_client import Histogram
         labels = ["method", "path", "status_code", "app_name"]
         h = Histogram("starlette_request_duration_seconds", "d", labels)
         for _ in range(3):
             h.labels("GET", "/a", "200", "app").observe(0.1)
         """
-    )
     for _ in range(2):
-        subprocess.run([sys.executable, "-c", worker], check=True, env=env, cwd=REPO)
-    reader = textwrap.dedent(
-        """
+        run_python(worker, multiproc_dir=directory)
+    reader = """
         import sys
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
@@ -119,13 +111,5 @@ def test_on_multiprocess_collector_output(tmp_path: Path):
         registry.register(DerivedCollector(MultiProcessCollector(None, sys.argv[1])))
         print(generate_latest(registry).decode())
         """
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", reader, str(directory)],
-        check=True,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = run_python(reader, str(directory), multiproc_dir=directory)
     assert 'starlette_requests_total{app_name="app",method="GET",path="/a",status_code="200"} 6.0' in out

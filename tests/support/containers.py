@@ -1,4 +1,4 @@
-"""Helpers of the image tests: the container engine CLI and containers of the image under test."""
+"""A container engine (Docker or podman, by its CLI) and containers of the image, for the image tests."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-APPS = Path(__file__).resolve().parent / "apps"
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
+
+APPS = REPO / "tests" / "image" / "apps"
 RUN_ID = uuid.uuid4().hex[:10]
 LABEL = f"gunicorn-prometheus-tests={RUN_ID}"
 STOP_TIMEOUT = 15  # seconds; above the image's GRACEFUL_TIMEOUT default (8)
@@ -168,36 +171,38 @@ class Container:
         return int(self.inspect()["State"]["ExitCode"])
 
     def wait_exited(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def exited() -> bool:
             state = self.inspect()["State"]
-            if not state["Running"] and state.get("Status") in ("exited", "stopped", "dead"):
-                return int(state["ExitCode"])
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name} still runs after {timeout}s\n{self.logs()}")
+            return not state["Running"] and state.get("Status") in ("exited", "stopped", "dead")
+
+        wait_until(exited, timeout, f"{self.name} to exit", interval=0.2, details=self.logs)
+        return self.exit_code()
+
+    def _get_while_running(self, port: int, path: str, status: int | None) -> Response | None:
+        """One try of wait_http: the response if it is the one wanted; fail at once if the container exits."""
+        try:
+            resp = http_get(port, path, timeout=5)
+            if status is None or resp.status == status:
+                return resp
+        except OSError:
+            pass
+        if not self.running:
+            raise AssertionError(
+                f"{self.name} exited ({self.exit_code()}) before serving {path}\n{self.logs()}"
+            )
+        return None
 
     def wait_http(
         self, path: str = "/", container_port: int = 80, timeout: float = 45, status: int | None = 200
     ) -> Response:
         """Poll until the published port answers (with `status` if given); fail early if it exits."""
-        deadline = time.monotonic() + timeout
-        last: object = None
         port = self.host_port(container_port)
-        while time.monotonic() < deadline:
-            try:
-                resp = http_get(port, path, timeout=5)
-                if status is None or resp.status == status:
-                    return resp
-                last = f"HTTP {resp.status}: {resp.body[:200]!r}"
-            except OSError as err:
-                last = err
-            if not self.running:
-                raise AssertionError(
-                    f"{self.name} exited ({self.exit_code()}) before serving {path}\n{self.logs()}"
-                )
-            time.sleep(0.1)
-        raise AssertionError(
-            f"{self.name} did not serve {path} on {container_port} in {timeout}s ({last})\n{self.logs()}"
+        return wait_until(
+            lambda: self._get_while_running(port, path, status),
+            timeout,
+            f"{self.name} to serve {path} on {container_port}",
+            interval=0.1,
+            details=self.logs,
         )
 
     def health_status(self) -> str | None:
@@ -207,51 +212,56 @@ class Container:
 
     def wait_healthy(self, timeout: float = 60) -> str:
         """Until the engine reports the image's HEALTHCHECK healthy; podman's checks are run from here."""
-        deadline = time.monotonic() + timeout
-        status = None
-        while time.monotonic() < deadline:
+
+        def healthy() -> str | None:
             if self.engine.is_podman:
                 self.engine.run("healthcheck", "run", self.id, check=False)
             status = self.health_status()
-            if status == "healthy":
-                return status
-            if not self.running:
-                break
-            time.sleep(0.5)
-        raise AssertionError(f"{self.name} is not healthy ({status}) after {timeout}s\n{self.logs()}")
+            if status != "healthy" and not self.running:
+                raise AssertionError(f"{self.name} exited while not healthy ({status})\n{self.logs()}")
+            return status if status == "healthy" else None
 
-    def wait_until(self, predicate, what: str, timeout: float = 30) -> None:
+        return wait_until(healthy, timeout, f"{self.name} to be healthy", interval=0.5, details=self.logs)
+
+    def wait_until(self, predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
         """Poll `predicate` (connection errors count as False) until it holds; fail with the logs."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
-                if predicate():
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name}: {what}: not after {timeout}s\n{self.logs()}")
+        wait_until(
+            predicate,
+            timeout,
+            f"{self.name}: {what}",
+            interval=0.1,
+            ignore=(OSError, ValueError),
+            details=self.logs,
+        )
 
     def wait_log(self, text: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            logs = self.logs()
-            if text in logs:
-                return logs
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} not in the logs of {self.name} after {timeout}s\n{self.logs()}")
+        return wait_until(
+            lambda: logs if text in (logs := self.logs()) else None,
+            timeout,
+            f"{text!r} in the logs of {self.name}",
+            interval=0.2,
+            details=self.logs,
+        )
+
+    def _inside_once(self, code: str) -> subprocess.CompletedProcess | None:
+        """One try of wait_inside: the snippet if it exited 0; fail at once if the container is gone."""
+        proc = self.exec("python", "-c", code, check=False)
+        if proc.returncode == 0:
+            return proc
+        if not self.running:
+            raise AssertionError(f"{code!r} never succeeded in {self.name}: {proc.stderr}\n{self.logs()}")
+        return None
 
     def wait_inside(self, code: str, timeout: float = 60) -> str:
         """Poll a Python snippet run inside the container until it exits 0 (for ports not published)."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            proc = self.exec("python", "-c", code, check=False)
-            if proc.returncode == 0:
-                return proc.stdout
-            last = proc.stderr.strip().splitlines()[-1:] or proc.stdout
-            if not self.running:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"{code!r} never succeeded in {self.name}: {last}\n{self.logs()}")
+        done = wait_until(
+            lambda: self._inside_once(code),
+            timeout,
+            f"{code!r} to succeed in {self.name}",
+            interval=0.2,
+            details=self.logs,
+        )
+        return done.stdout
 
     def config_line(self) -> dict:
         """The JSON line of effective settings that the runtime prints at start-up (the last one)."""

@@ -1,7 +1,7 @@
-"""Real servers as plain processes: /start.sh (or /start-reload.sh) with an app directory of the test's own.
+"""The start scripts (image/start.sh, start-reload.sh) as real processes, each with an app directory.
 
-Every server a test starts is stopped by the test (a fixture finalizer), in its own session so nothing
-it forked can outlive it; readiness is polled, never slept for.
+Each server runs in its own session, so that stopping it can find and end everything it forked; readiness
+is polled, never slept for. The `start_server` fixture (tests/conftest.py) stops every server at teardown.
 """
 
 from __future__ import annotations
@@ -9,46 +9,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
 from gunicorn_prometheus import settings
-
-REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
+from tests.support.net import free_port
+from tests.support.paths import REPO, VENV_BIN
+from tests.support.waiting import wait_until
 
 QUICK_START = (REPO / "examples" / "app" / "main.py").read_text()  # the upstream Quick Start app
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
-    """Poll `predicate` until it returns something truthy; bounded in time, never an open-ended sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def write_app(app_dir: Path, source: str = QUICK_START, path: str = "main.py") -> Path:
+    """Write an app's source (dedented) into the app directory, creating packages' folders as needed."""
     target = app_dir / path
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(textwrap.dedent(source))
@@ -187,19 +165,17 @@ def clean_environ() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def app_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "app"
-    directory.mkdir()
-    return directory
+class ServerStarter:
+    """Starts servers for one test, each on loopback ports of its own, and stops them all at the end."""
 
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.servers: list[Server] = []
 
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start /start.sh (or another script) on loopback ports of its own; stopped at teardown."""
-    servers: list[Server] = []
-
-    def start(app_dir: Path, script: str = "start.sh", wait: str | None = "/", **overrides: str) -> Server:
+    def __call__(
+        self, app_dir: Path, script: str = "start.sh", wait: str | None = "/", **overrides: str | None
+    ) -> Server:
+        """Start image/<script> for `app_dir`; `overrides` set (None: unset) environment variables."""
         port = int(overrides.get("PORT") or free_port())
         metrics_port = int(overrides.get("METRICS_PORT") or free_port())
         env = clean_environ()
@@ -211,7 +187,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 "PORT": str(port),
                 "METRICS_HOST": "127.0.0.1",
                 "METRICS_PORT": str(metrics_port),
-                "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"multiproc-{metrics_port}"),
+                "PROMETHEUS_MULTIPROC_DIR": str(self.work_dir / f"multiproc-{metrics_port}"),
             }
         )
         for key, value in overrides.items():
@@ -219,22 +195,22 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 env.pop(key, None)
             else:
                 env[key] = value
-        log_path = tmp_path / f"server-{len(servers)}.log"
+        log_path = self.work_dir / f"server-{len(self.servers)}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [str(REPO / "image" / script)],
-                cwd=tmp_path,  # not the app directory: the start script must find the app by itself
+                cwd=self.work_dir,  # not the app directory: the start script must find the app by itself
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         server = Server(proc, env, log_path, port, metrics_port)
-        servers.append(server)
+        self.servers.append(server)
         if wait:
             server.wait_ready(wait)
         return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()

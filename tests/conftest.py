@@ -1,0 +1,38 @@
+"""Fixtures shared by every test directory: real servers and a real Prometheus, stopped at teardown.
+
+The helpers behind them live in tests/support (import them from there; never import a conftest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.prometheus import PrometheusStarter
+from tests.support.server import ServerStarter
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    """An empty app directory of the test's own (APP_DIR of the servers it starts)."""
+    directory = tmp_path / "app"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[ServerStarter]:
+    """start_server(app_dir, script="start.sh", wait="/", **env): /start.sh on loopback ports of its own."""
+    starter = ServerStarter(tmp_path)
+    yield starter
+    starter.stop_all()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusStarter]:
+    """prometheus("127.0.0.1:<port>") -> base URL of a real Prometheus scraping that target every second."""
+    starter = PrometheusStarter(tmp_path)
+    yield starter
+    starter.stop_all()
