@@ -24,6 +24,7 @@ returns, and Gunicorn has no hook that runs on the loop. The first ASGI call (Uv
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -42,6 +43,8 @@ SAMPLE_INTERVAL = 0.1
 #: Seconds the worst-lag gauge looks back: the 15 s scrape interval of deploy/ and k8s/, so a scrape at
 #: that interval misses no stall.
 MAX_WINDOW = 15
+#: Gunicorn's error log, configured in every worker: where a failed sample is reported (once).
+log = logging.getLogger("gunicorn.error")
 #: Lag buckets, seconds: from "a busy loop" (1 ms) to "stalled long enough to fail health checks".
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -113,6 +116,7 @@ class LoopMonitor:
         self._limiter_search: asyncio.Task[None] | None = None
         self._threadpool_written: tuple[float, float, float] | None = None
         self._offset = 0.0
+        self._reported_failure = False
 
     @property
     def started(self) -> bool:
@@ -123,7 +127,11 @@ class LoopMonitor:
         if self.loop is not None:
             return
         self.loop = loop
-        self._figures = _Figures(self.process, self.window, self.registry)
+        try:
+            self._figures = _Figures(self.process, self.window, self.registry)
+        except Exception:  # e.g. a full /dev/shm: no saturation figures, but the worker serves on
+            self._report_failure()
+            return
         # uvloop's loop.time() is libuv's cached millisecond clock; time.monotonic() reads the same clock
         # precisely. Should a loop use another clock, measure in its own.
         self._offset = time.monotonic() - loop.time()
@@ -147,8 +155,16 @@ class LoopMonitor:
     def _tick(self, due: float) -> None:
         try:
             self.sample(max(self._now() - due, 0.0))
-        finally:
-            self._arm()
+        except Exception:  # a metrics fault costs samples, never the loop's other callbacks or a log flood
+            self._report_failure()
+        self._arm()
+
+    def _report_failure(self) -> None:
+        if not self._reported_failure:
+            self._reported_failure = True
+            log.warning(
+                "Saturation sampling failed: its figures are missing or late (reported once)", exc_info=True
+            )
 
     def sample(self, lag: float) -> None:
         """Record one lag sample, and the thread pool's state."""
@@ -189,10 +205,11 @@ class LoopMonitor:
 
                 limiter = current_default_thread_limiter()
                 limiter.statistics()  # fails now, not at every sample, if the API is not as expected
-            except Exception:
-                return  # an AnyIO we do not understand: no thread-pool figures, nothing else lost
-            assert self._figures is not None
-            self._figures.add_threadpool()
+                assert self._figures is not None
+                self._figures.add_threadpool()
+            except Exception:  # an AnyIO we do not understand, or files that cannot be created
+                self._report_failure()
+                return
             self._limiter = limiter
 
         self._limiter_search = self.loop.create_task(find())

@@ -12,6 +12,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from gunicorn_prometheus import loop_monitor, names
+from tests.support.child import run_python
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -123,3 +124,37 @@ def test_starts_on_the_first_asgi_call_and_passes_everything_through() -> None:
 
     asyncio.run(main())
     assert calls == [({"type": "lifespan"}, "r", "s"), ({"type": "http"}, "r2", "s2")]
+
+
+def test_a_metrics_fault_costs_the_figures_never_the_request(tmp_path) -> None:
+    """The multiprocess directory is gone when the first call starts the monitor (its files cannot be
+    created): the call still reaches the app, and the failure is logged once, not per request."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    out = run_python(
+        """
+        import asyncio, logging, os, shutil, sys
+
+        from gunicorn_prometheus import loop_monitor
+
+        logging.basicConfig(stream=sys.stdout, format="LOG %(message)s")
+        served = []
+
+        async def app(scope, receive, send):
+            served.append(scope["type"])
+
+        wrapped = loop_monitor.StartOnFirstCall(app, loop_monitor.LoopMonitor("w0"))
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+        async def main():
+            for _ in range(3):
+                await wrapped({"type": "http"}, None, None)
+            await asyncio.sleep(0.3)
+
+        asyncio.run(main())
+        print("served", len(served))
+        """,
+        multiproc_dir=directory,
+    )
+    assert "served 3" in out, out
+    assert out.count("LOG Saturation sampling failed") == 1, out
