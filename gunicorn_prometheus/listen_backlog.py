@@ -139,7 +139,7 @@ def listeners(pid: int, proc: str = "/proc") -> list[Listener]:
         everything = [
             item for family in (socket.AF_INET, socket.AF_INET6) for item in _diag_listeners(family)
         ]
-    except (OSError, ValueError):
+    except (OSError, ValueError, struct.error):
         everything = list(_proc_listeners(pid, proc))
     return sorted((listener for inode, listener in everything if inode in wanted), key=lambda x: x.address)
 
@@ -148,8 +148,8 @@ def families(master_pid: int) -> Iterator[Metric]:
     """The two gauges, one series per listening address of the master; nothing if it cannot be read."""
     try:
         found = listeners(master_pid)
-    except (OSError, ValueError):
-        return  # /proc unreadable or unexpected: a scrape without these figures, never a failed scrape
+    except Exception:  # /proc unreadable or unexpected: a scrape without these figures, never a failed one
+        return
     queued = GaugeMetricFamily(
         names.LISTEN_BACKLOG,
         "Connections the kernel accepted on the app's listening socket that no worker has accepted yet.",
