@@ -16,29 +16,8 @@ import pytest
 from tests.support.apps import APP_WITH_OWN_METRICS
 from tests.support.metrics_text import promtool_check, samples, value
 from tests.support.paths import VENV_BIN
-from tests.support.server import write_app
+from tests.support.server import scrape, scrape_until, write_app
 from tests.support.waiting import wait_until
-
-
-def scrape(server, **headers) -> str:
-    response = server.metrics_get("/metrics", headers=headers)
-    assert response.status_code == 200, response.text
-    return response.text
-
-
-def scrape_until(server, check, what: str, timeout: float = 15.0) -> str:
-    """Scrape until `check(text)` holds: workers publish their request metrics within a second or so."""
-    last = {}
-
-    def attempt():
-        last["text"] = scrape(server)
-        return check(last["text"])
-
-    try:
-        wait_until(attempt, timeout, what)
-    except AssertionError:
-        raise AssertionError(f"{what} never held; last scrape:\n{last.get('text')}") from None
-    return last["text"]
 
 
 def http_total(text: str, path: str, status: str, method: str = "GET") -> float:

@@ -14,7 +14,7 @@ import pytest
 from gunicorn_prometheus import names, server_state
 from gunicorn_prometheus.multiproc_dir import state_dir
 from tests.support.metrics_text import promtool_check, samples, value
-from tests.support.server import write_app
+from tests.support.server import scrape, scrape_until, write_app
 from tests.support.waiting import wait_until
 
 SATURATION_APP = """
@@ -61,24 +61,6 @@ PURE_ASGI_APP = """
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
 """
-
-
-def scrape(server) -> str:
-    response = server.metrics_get("/metrics")
-    assert response.status_code == 200, response.text
-    return response.text
-
-
-def scrape_until(server, check, what: str, timeout: float = 15.0) -> str:
-    """Scrape until `check(text)` holds; the last scrape is shown when it never does."""
-    last = {"text": ""}
-
-    def attempt() -> bool:
-        last["text"] = scrape(server)
-        return bool(check(last["text"]))
-
-    wait_until(attempt, timeout, what, details=lambda: "last scrape:\n" + last["text"])
-    return last["text"]
 
 
 LAG_COUNT = names.EVENT_LOOP_LAG + "_count"

@@ -6,7 +6,10 @@ import random
 import threading
 
 import httpx
-from conftest import LEAN, TINY_APP, kill_worker, scrape, wait_until, write_app
+
+from tests.support.faults import LEAN, TINY_APP, kill_worker, scrape
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 #: HTTP counts are exact once the HTTP metrics are written through shared memory before the answer
 #: (the "Exact HTTP metrics" work); until then a SIGKILL may lose the observations of the requests the

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,26 @@ def clean_environ() -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def scrape(server: Server, **headers: str) -> str:
+    """The text of one /metrics scrape of `server` (which must answer 200)."""
+    response = server.metrics_get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def scrape_until(server: Server, check: Callable[[str], object], what: str, timeout: float = 15.0) -> str:
+    """Scrape until `check(text)` holds (workers publish their request metrics within a second or so);
+    the last scrape is shown when it never does."""
+    last = {"text": ""}
+
+    def attempt() -> bool:
+        last["text"] = scrape(server)
+        return bool(check(last["text"]))
+
+    wait_until(attempt, timeout, what, details=lambda: "last scrape:\n" + last["text"])
+    return last["text"]
 
 
 class ServerStarter:

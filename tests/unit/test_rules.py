@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_deploy_files import selectors
 
 from gunicorn_prometheus import names
+from tests.support.promql import selectors
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "rules.yml"
