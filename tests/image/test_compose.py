@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,17 +26,14 @@ from urllib.parse import urlencode
 
 import pytest
 import yaml
-from image_support import REPO, RUN_ID, Engine, http_get
+
+from tests.support.containers import RUN_ID, Engine, http_get
+from tests.support.net import free_port
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.image
 
 PROJECT = f"gp-compose-{RUN_ID}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poll(predicate, timeout: float, what: str):
