@@ -62,6 +62,7 @@ class MultiProcessDirCollector(Collector):
         # Decoded entry keys, kept across scrapes: the same series appear in every scrape, and decoding
         # their JSON is a large share of the scrape cost. Bounded by _KEY_CACHE_LIMIT.
         self._key_cache: dict[str, Any] = {}
+        self.read_errors = 0  # files skipped as unreadable, every time (the metrics server's own health)
         if registry:
             registry.register(self)
 
@@ -136,6 +137,7 @@ class MultiProcessDirCollector(Collector):
             # Deleted between listing and reading (mark_process_dead, slot cleanup): nothing to merge.
             return None
         except (OSError, *_CORRUPT_ERRORS) as exc:
+            self.read_errors += 1
             if path not in self._reported:
                 self._reported.add(path)
                 log.warning("skipping unreadable metrics file %s: %r", path, exc)

@@ -1,37 +1,74 @@
-"""The metrics server's process and its supervisor.
+"""The metrics side's processes: two peers that serve the metrics socket and keep each other alive.
 
 The Gunicorn master must stay single-threaded (it forks workers) and must never wait on a scrape, so the
-metrics server is a separate program. The master binds the metrics socket itself (so a taken port fails
-the start in one line), hands it to a small supervisor process spawned with a fresh interpreter (no fork:
-nothing of the master is inherited but that socket), and closes its own copy before any worker forks.
-The supervisor keeps the socket and restarts the server within a second if it dies, so the port never
-goes away while the app runs. Gunicorn's master reaps any child it did not fork as a worker without
-reporting it, so it cannot be the supervisor itself; the supervisor dies with the master
-(PR_SET_PDEATHSIG plus a parent check), and the master stops it on exit: nothing is left running.
+metrics server runs in processes of its own. The master binds the metrics socket itself (so a taken port
+fails the start in one line), spawns the first peer with a fresh interpreter (no fork: nothing of the
+master is inherited but that socket and a pidfd of the master), and closes its own copies before any
+worker forks. The first peer spawns the second; from then on both serve the same listening socket (the
+kernel hands each connection to one of them) and each watches the other and the master through pidfds.
+
+Why peers and not a supervisor with a server below it: Gunicorn's master reaps every child it did not
+fork as a worker without telling anyone ("Reaped unknown child process" in arbiter.reap_workers) and has
+no periodic hook, so it cannot restart anything; a supervisor is then a single point of failure (kill -9
+of it left the port closed for good). With two peers, killing either one leaves the other answering
+without a gap (the listening socket never closes), and the survivor starts a replacement at once. A
+pidfd works for any process, not only for children, so it does not matter who ended up whose parent.
+Both leave as soon as the master is gone, so nothing of the metrics side outlives it.
+
+Command lines must not contain "gunicorn" (upstream's harness counts those `ps` rows as master and
+workers), so everything is handed over through the environment and inherited file descriptors, and the
+processes are named `prometheus-metrics-server` (their argv[0]).
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
+import asyncio
+import contextlib
 import os
 import signal
+import site
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-RESTART_DELAY = 0.5
+import psutil
+
+from .multiproc_dir import state_dir
+
+PROCESS_NAME = "prometheus-metrics-server"
+SERVER_MODULE = "gunicorn_prometheus.metrics_server"
+
+# What a peer inherits, all through the environment (never the command line, see above).
+ENV_MODULE = "PROMETHEUS_METRICS_MODULE"
+ENV_SITE = "PROMETHEUS_METRICS_SITE"
+ENV_PYTHON = "PROMETHEUS_METRICS_PYTHON"
+ENV_LISTEN_FD = "PROMETHEUS_METRICS_LISTEN_FD"
+ENV_MASTER_PID = "PROMETHEUS_METRICS_MASTER_PID"
+ENV_MASTER_PIDFD = "PROMETHEUS_METRICS_MASTER_PIDFD"
+ENV_PEER_PID = "PROMETHEUS_METRICS_PEER_PID"
+ENV_PEER_PIDFD = "PROMETHEUS_METRICS_PEER_PIDFD"
+_HANDOFF = (ENV_LISTEN_FD, ENV_MASTER_PID, ENV_MASTER_PIDFD, ENV_PEER_PID, ENV_PEER_PIDFD)
+
+# argv[0] is the process name, so the interpreter cannot find its installation from it: PYTHONHOME
+# (set for the child only) locates the standard library, -S skips the automatic site-packages, and this
+# adds exactly the parent's site directories (with their .pth files, e.g. an editable install).
+_BOOTSTRAP = (
+    f"import os,runpy,site;[site.addsitedir(d) for d in os.environ[{ENV_SITE!r}].split(os.pathsep) if d];"
+    f"runpy.run_module(os.environ.pop({ENV_MODULE!r}),run_name='__main__',alter_sys=True)"
+)
+STOPPING_MARKER = "metrics-stopping"
+# A peer that lived this long is replaced at once; one that dies sooner (a crash at start-up, most
+# likely) is replaced after a delay that doubles up to MAX_RESTART_DELAY.
+STABLE_AFTER = 1.0
 MAX_RESTART_DELAY = 4.0
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to send SIGTERM to this process when its parent dies (Linux; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+def log(message: str) -> None:
+    print(f"[gunicorn-prometheus] {message}", file=sys.stderr, flush=True)
 
 
 def bind_metrics_socket(host: str, port: int) -> socket.socket:
@@ -41,103 +78,235 @@ def bind_metrics_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(64)
+        sock.listen(128)
     except OSError:
         sock.close()
         raise
     return sock
 
 
-def _command(module: str, fd: int, master_pid: int, directory: str) -> list[str]:
-    """A fresh interpreter running `module` on the inherited socket (see `parse_args`)."""
-    return [
-        sys.executable,
-        "-m",
-        module,
-        "--fd",
-        str(fd),
-        "--master-pid",
-        str(master_pid),
-        "--dir",
-        directory,
-    ]
+def _site_dirs() -> str:
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return os.pathsep.join(d for d in dirs if os.path.isdir(d))
 
 
-def start(sock: socket.socket, *, master_pid: int, directory: str) -> subprocess.Popen:
-    """Spawn the supervisor with the listening socket; the caller closes its own copy afterwards."""
-    fd = sock.fileno()
+def spawn_peer(
+    *, listen_fd: int, master_pid: int, master_pidfd: int, own_pidfd: int | None
+) -> subprocess.Popen:
+    """Start one peer on the listening socket; `own_pidfd` lets the new peer watch the one spawning it."""
+    python = os.environ.get(ENV_PYTHON) or sys.executable
+    env = {k: v for k, v in os.environ.items() if k not in _HANDOFF}
+    env.update(
+        {
+            ENV_MODULE: SERVER_MODULE,
+            ENV_SITE: os.environ.get(ENV_SITE) or _site_dirs(),
+            ENV_PYTHON: python,
+            "PYTHONHOME": os.pathsep.join(dict.fromkeys((sys.base_prefix, sys.base_exec_prefix))),
+            ENV_LISTEN_FD: str(listen_fd),
+            ENV_MASTER_PID: str(master_pid),
+            ENV_MASTER_PIDFD: str(master_pidfd),
+        }
+    )
+    fds = [listen_fd, master_pidfd]
+    if own_pidfd is not None:
+        env[ENV_PEER_PID] = str(os.getpid())
+        env[ENV_PEER_PIDFD] = str(own_pidfd)
+        fds.append(own_pidfd)
     return subprocess.Popen(
-        _command("gunicorn_prometheus.metrics_process", fd, master_pid, directory),
-        pass_fds=(fd,),
+        [PROCESS_NAME, "-S", "-c", _BOOTSTRAP],
+        executable=python,
+        env=env,
+        pass_fds=tuple(fds),
         stdin=subprocess.DEVNULL,
     )
 
 
-def stop(process: subprocess.Popen, timeout: float = 3.0) -> None:
-    """Stop a child (SIGTERM), wait for it, and kill it if it will not go."""
-    if process.poll() is not None:
-        return
-    process.terminate()
+# --- the master's side: start and stop, nothing else -------------------------------------------------
+
+
+@dataclass
+class MetricsSide:
+    """What the master keeps: its own child (the first peer), whose pid is the peers' process group."""
+
+    first: subprocess.Popen
+    directory: str
+
+    @property
+    def pid(self) -> int:
+        return self.first.pid
+
+
+def start(sock: socket.socket, *, master_pid: int, directory: str) -> MetricsSide:
+    """Spawn the first peer with the listening socket; the caller closes its own copy afterwards."""
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir(directory) / STOPPING_MARKER).unlink()
+    master_pidfd = os.pidfd_open(master_pid)
     try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        first = spawn_peer(
+            listen_fd=sock.fileno(), master_pid=master_pid, master_pidfd=master_pidfd, own_pidfd=None
+        )
+    finally:
+        os.close(master_pidfd)
+    return MetricsSide(first, directory)
 
 
-def _log(message: str) -> None:
-    print(f"[gunicorn-prometheus] {message}", file=sys.stderr, flush=True)
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def supervise(fd: int, master_pid: int, directory: str) -> int:
-    """Run the metrics server, restart it when it dies, and leave when the master is gone or asks."""
-    die_with_parent()
-    stopping = False
+def stop(side: MetricsSide, timeout: float = 2.0) -> None:
+    """Stop every peer (they share the first one's process group) and wait, bounded, until they are gone.
 
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    The marker file tells a peer that sees its partner end not to replace it.
+    """
+    with contextlib.suppress(OSError):
+        (state_dir(side.directory) / STOPPING_MARKER).touch()
+    group = side.first.pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGTERM)
+    if side.first.poll() is None:
+        side.first.terminate()  # it may not have made its own group yet
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        side.first.poll()  # our child: reaped here (or by Gunicorn's own waitpid loop)
+        if not _group_alive(group):
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGKILL)
+    if side.first.poll() is None:
+        side.first.kill()
+        side.first.wait()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the master decides.
-    command = _command("gunicorn_prometheus.metrics_server", fd, master_pid, directory)
-    delay = RESTART_DELAY
-    server: subprocess.Popen | None = None
-    while not stopping and os.getppid() == master_pid:
-        if server is None:
-            started = time.monotonic()
-            server = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+
+# --- a peer's side: the hand-off, and watching the master and the other peer ---------------------------
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """What a peer received from whoever spawned it."""
+
+    listen_fd: int
+    master_pid: int
+    master_pidfd: int
+    peer_pid: int | None
+    peer_pidfd: int | None
+
+    @classmethod
+    def from_environ(cls) -> Handoff:
+        env = os.environ
+        env.pop("PYTHONHOME", None)  # set for the bootstrap only (see spawn_peer)
+        peer = env.pop(ENV_PEER_PID, None)
+        peer_fd = env.pop(ENV_PEER_PIDFD, None)
+        return cls(
+            listen_fd=int(env.pop(ENV_LISTEN_FD)),
+            master_pid=int(env.pop(ENV_MASTER_PID)),
+            master_pidfd=int(env.pop(ENV_MASTER_PIDFD)),
+            peer_pid=int(peer) if peer else None,
+            peer_pidfd=int(peer_fd) if peer_fd else None,
+        )
+
+
+def _start_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "ended"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class PeerKeeper:
+    """In a peer's event loop: leave when the master is gone, replace the other peer when it ends."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, handoff: Handoff, directory: str, on_master_gone: Callable
+    ) -> None:
+        self.loop = loop
+        self.handoff = handoff
+        self.stopping_marker = Path(state_dir(directory)) / STOPPING_MARKER
+        self.on_master_gone = on_master_gone
+        self.stopping = False
+        self.own_pidfd = os.pidfd_open(os.getpid())
+        self.peer_pid: int | None = None
+        self.peer_pidfd: int | None = None
+        self.peer_child: subprocess.Popen | None = None  # set when we spawned the current peer
+        self.peer_started = 0.0
+        self.delay = 0.0
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.loop.add_reader(self.handoff.master_pidfd, self._master_gone)
+        if self.handoff.peer_pidfd is None:
+            os.setpgid(0, 0)  # the first peer leads the group every later peer joins (see stop())
+            self._spawn()
+        else:
+            assert self.handoff.peer_pid is not None
+            self._watch(self.handoff.peer_pid, self.handoff.peer_pidfd, _start_time(self.handoff.peer_pid))
+
+    def stop(self) -> None:
+        """No more replacements (SIGTERM or the master gone)."""
+        self.stopping = True
+
+    def _master_gone(self) -> None:
+        self.loop.remove_reader(self.handoff.master_pidfd)
+        self.stopping = True
+        self.on_master_gone()
+
+    def _watch(self, pid: int, pidfd: int, started: float) -> None:
+        self.peer_pid, self.peer_pidfd, self.peer_started = pid, pidfd, started
+        self.loop.add_reader(pidfd, self._peer_gone)
+
+    def _peer_gone(self) -> None:
+        assert self.peer_pidfd is not None
+        self.loop.remove_reader(self.peer_pidfd)
+        os.close(self.peer_pidfd)
+        self.peer_pidfd = None
+        code = self.peer_child.wait() if self.peer_child is not None else None  # reaps our own child
+        self.peer_child = None
+        if self._stopping():
+            return
+        lived = time.time() - self.peer_started if self.peer_started else STABLE_AFTER
+        self.delay = 0.0 if lived >= STABLE_AFTER else min(max(0.25, self.delay * 2), MAX_RESTART_DELAY)
+        log(
+            f"metrics server peer (pid {self.peer_pid}) {_describe_exit(code)}; "
+            f"starting a replacement{f' in {self.delay:g} s' if self.delay else ''}"
+        )
+        self.loop.call_later(self.delay, self._spawn)
+
+    def _stopping(self) -> bool:
+        return self.stopping or self.stopping_marker.exists()
+
+    def _spawn(self) -> None:
+        if self._stopping():
+            return
         try:
-            code = server.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            continue
-        if stopping:
-            break
-        # A server that lived a while gets restarted at once; a crash loop backs off up to a few seconds.
-        delay = RESTART_DELAY if time.monotonic() - started > 10 else min(delay * 2, MAX_RESTART_DELAY)
-        _log(f"metrics server (pid {server.pid}) exited with code {code}; restarting in {delay:g} s")
-        server = None
-        deadline = time.monotonic() + delay
-        while not stopping and time.monotonic() < deadline:
-            time.sleep(0.05)
-    if server is not None:
-        stop(server)
-    return 0
-
-
-def parse_args(description: str | None) -> argparse.Namespace:
-    """The command line shared by the supervisor and the server: the socket, the master, the directory."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
-    parser.add_argument("--master-pid", type=int, required=True)
-    parser.add_argument("--dir", required=True, help="PROMETHEUS_MULTIPROC_DIR")
-    return parser.parse_args()
-
-
-def main() -> int:
-    args = parse_args(__doc__)
-    return supervise(args.fd, args.master_pid, args.dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            child = spawn_peer(
+                listen_fd=self.handoff.listen_fd,
+                master_pid=self.handoff.master_pid,
+                master_pidfd=self.handoff.master_pidfd,
+                own_pidfd=self.own_pidfd,
+            )
+        except OSError as err:  # e.g. out of processes or memory: try again later
+            log(f"cannot start a metrics server peer: {err}; retrying in {MAX_RESTART_DELAY:g} s")
+            self.loop.call_later(MAX_RESTART_DELAY, self._spawn)
+            return
+        self.peer_child = child
+        self.restarts += 1
+        self._watch(child.pid, os.pidfd_open(child.pid), time.time())

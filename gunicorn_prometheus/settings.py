@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client.metrics import Histogram
 
+from . import web_config
+
 
 class ConfigError(ValueError):
     """A configuration mistake, reported to the user as one line (never as a traceback)."""
@@ -330,6 +332,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Directory where every process writes its metrics; emptied at start-up, must belong to this server.",
         default_doc="`/dev/shm/gunicorn-prometheus-$METRICS_PORT` (memory-backed), else under the temp "
         "directory",
+    ),
+    Setting(
+        "METRICS_WEB_CONFIG",
+        METRICS,
+        web_config.parse_web_config_setting,
+        "Prometheus web config file (exporter-toolkit format) for the metrics port: `tls_server_config`, "
+        "`basic_auth_users` (bcrypt). `/healthz` stays open, without detail.",
+    ),
+    Setting(
+        "METRICS_BEARER_TOKEN_FILE",
+        METRICS,
+        web_config.parse_token_file_setting,
+        "File holding a bearer token the metrics port requires (e.g. a Kubernetes secret); re-read when "
+        "it changes.",
     ),
     Setting(
         "METRICS_INSTRUMENT",

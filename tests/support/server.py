@@ -19,6 +19,7 @@ import httpx
 import psutil
 
 from gunicorn_prometheus import settings
+from gunicorn_prometheus.metrics_process import PROCESS_NAME as METRICS_PROCESS_NAME
 from tests.support.net import free_port
 from tests.support.paths import REPO, VENV_BIN
 from tests.support.waiting import wait_until
@@ -83,18 +84,19 @@ class Server:
         return found
 
     def workers(self) -> list[psutil.Process]:
-        """Worker processes as the OS sees them: the master's children, less the metrics supervisor."""
-        return [p for p, cmd in self._children() if "gunicorn_prometheus.metrics_process" not in cmd]
+        """Worker processes as the OS sees them: the master's children, less the metrics side."""
+        return [p for p, cmd in self._children() if not cmd.startswith(METRICS_PROCESS_NAME)]
 
-    def supervisor(self) -> psutil.Process:
-        found = [p for p, cmd in self._children() if "gunicorn_prometheus.metrics_process" in cmd]
-        assert len(found) == 1, found
-        return found[0]
-
-    def metrics_server(self) -> psutil.Process:
-        children = self.supervisor().children()
-        assert len(children) == 1, children
-        return children[0]
+    def metrics_peers(self) -> list[psutil.Process]:
+        """The metrics server's processes (two peers, whoever their parent is now)."""
+        found = []
+        for p in self.session_processes():
+            try:
+                if p.cmdline()[:1] == [METRICS_PROCESS_NAME]:
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
 
     def wait_ready(self, path: str = "/", timeout: float = 30.0) -> None:
         def ready() -> bool:
