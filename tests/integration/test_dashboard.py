@@ -170,4 +170,17 @@ def test_every_dashboard_query_returns_series(start_server, app_dir, prometheus)
     assert value("Master up", "{{instance}}") == 1
     processes = next(e for t, _, e in queries if t == "Resident memory per process")
     assert {r["metric"].get("process") for r in results[processes]} >= {"master", "metrics", "w0", "w1"}
+    # Grafana asks the exemplars API with the queries of the panels that show exemplars: it must accept them.
+    exemplar_targets = [
+        substitute(t["expr"], values)
+        for panel in DASHBOARD["panels"]
+        for t in panel.get("targets", [])
+        if t.get("exemplar")
+    ]
+    assert exemplar_targets
+    for expr in exemplar_targets:
+        now = time.time()
+        params = {"query": expr, "start": now - 60, "end": now}
+        response = httpx.get(f"{base}/api/v1/query_exemplars", params=params, timeout=5)
+        assert response.status_code == 200 and response.json()["status"] == "success", response.text
     assert time.monotonic() - started < 40
