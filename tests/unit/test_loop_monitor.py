@@ -158,3 +158,28 @@ def test_a_metrics_fault_costs_the_figures_never_the_request(tmp_path) -> None:
     )
     assert "served 3" in out, out
     assert out.count("LOG Saturation sampling failed") == 1, out
+
+
+def test_only_asgi3_apps_are_wrapped() -> None:
+    """Uvicorn tells ASGI2 from ASGI3 by looking at the app: an ASGI2 app must reach it unwrapped."""
+
+    class Asgi2:
+        def __init__(self, scope) -> None:
+            self.scope = scope
+
+        async def __call__(self, receive, send) -> None: ...
+
+    class Asgi3:
+        async def __call__(self, scope, receive, send) -> None: ...
+
+    async def asgi3(scope, receive, send) -> None: ...
+
+    class Worker:
+        def __init__(self, app) -> None:
+            self.wsgi = app
+
+    for app, wrapped in ((Asgi2, False), (Asgi3(), True), (asgi3, True)):
+        worker = Worker(app)
+        loop_monitor.install(worker, "w0")
+        assert isinstance(worker.wsgi, loop_monitor.StartOnFirstCall) is wrapped, app
+        assert loop_monitor.is_asgi3(worker.wsgi) is wrapped
