@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 
-from conftest import LEAN, TINY_APP, kill_worker, scrape, wait_until, write_app
-
 from gunicorn_prometheus import names, server_state
 from gunicorn_prometheus.multiproc_dir import state_dir
+from tests.support.faults import LEAN, TINY_APP, kill_worker, scrape
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 LAG_COUNT = names.EVENT_LOOP_LAG + "_count"
 
