@@ -14,16 +14,10 @@ import httpx
 import pytest
 
 from tests.support.apps import APP_WITH_OWN_METRICS
-from tests.support.metrics_text import promtool_check, samples, value
+from tests.support.metrics_text import http_total, promtool_check, samples, value
 from tests.support.paths import VENV_BIN
 from tests.support.server import scrape, scrape_until, write_app
 from tests.support.waiting import wait_until
-
-
-def http_total(text: str, path: str, status: str, method: str = "GET") -> float:
-    return value(
-        text, "starlette_requests_total", app_name="starlette", method=method, path=path, status_code=status
-    )
 
 
 @pytest.fixture
@@ -68,17 +62,7 @@ def test_app_metrics_aggregated_across_workers(server):
     assert len(pids) == 2
     text = scrape_until(
         server,
-        lambda t: (
-            value(
-                t,
-                "starlette_requests_total",
-                app_name="starlette",
-                method="POST",
-                path="/orders/{kind}",
-                status_code="200",
-            )
-            == 20
-        ),
+        lambda t: http_total(t, "/orders/{kind}", "200", method="POST") == 20,
         "20 orders",
     )
     promtool_check(text)

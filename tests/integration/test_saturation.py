@@ -13,7 +13,7 @@ import pytest
 
 from gunicorn_prometheus import names, server_state
 from gunicorn_prometheus.multiproc_dir import state_dir
-from tests.support.metrics_text import promtool_check, samples, value
+from tests.support.metrics_text import http_total, promtool_check, samples, value
 from tests.support.server import scrape, scrape_until, write_app
 from tests.support.waiting import wait_until
 
@@ -215,17 +215,7 @@ def test_sampling_can_be_turned_off(start_server, app_dir, tmp_path):
     # sample by then, from a timer armed earlier (at the lifespan start) with the same 0.1 s delay.
     text = scrape_until(
         server,
-        lambda t: (
-            value(
-                t,
-                "starlette_requests_total",
-                app_name="starlette",
-                method="GET",
-                path="/sync-slow",
-                status_code="200",
-            )
-            == 1
-        ),
+        lambda t: http_total(t, "/sync-slow", "200") == 1,
         "the request counted",
     )
     assert value(text, names.LISTEN_BACKLOG_LIMIT, listener=f"127.0.0.1:{server.port}") > 0  # not sampled

@@ -24,6 +24,11 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def http_total(text: str, path: str, status: str, method: str = "GET", app: str = "starlette") -> float:
+    """starlette_requests_total of one route template, status and method (of the default app name)."""
+    return value(text, "starlette_requests_total", app_name=app, method=method, path=path, status_code=status)
+
+
 def total(
     text: str, name: str, where: Callable[[dict[str, str]], bool] | None = None, **labels: str
 ) -> float:
