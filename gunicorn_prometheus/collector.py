@@ -110,12 +110,14 @@ class MultiProcessDirCollector(Collector):
                 metric = metrics.get(metric_name)
                 if metric is None:
                     metric = metrics[metric_name] = Metric(metric_name, help_text, typ)
+                # As prometheus_client's MultiProcessCollector does: labels travel as sorted tuples and the
+                # gauge mode as an attribute until _accumulate_metrics turns them into dicts and merges.
                 if typ == "gauge":
-                    metric._multiprocess_mode = mode
-                    metric.add_sample(name, labels_key + (("pid", identity),), value, timestamp)
+                    metric._multiprocess_mode = mode  # type: ignore[attr-defined]
+                    metric.add_sample(name, labels_key + (("pid", identity),), value, timestamp)  # type: ignore[arg-type]
                 else:
                     # Duplicates across files and the label tuples are resolved by _accumulate_metrics.
-                    metric.add_sample(name, labels_key, value)
+                    metric.add_sample(name, labels_key, value)  # type: ignore[arg-type]
         return metrics
 
     def _read_file(self, path: str, key_cache: dict[str, Any]) -> list[_Entry] | None:

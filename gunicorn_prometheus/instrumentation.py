@@ -240,12 +240,15 @@ def _match_template(scope: Scope, routes: Sequence[Any]) -> str | None:
     Only called on a cache miss. starlette_exporter's own matcher is preferred when installed, so the
     ``path`` label is exactly what its users' dashboards already hold.
     """
+    matcher: Callable[[Any, Any], str | None] = _get_matching_route_path
     try:
-        from starlette_exporter.middleware import get_matching_route_path
+        from starlette_exporter import middleware as exporter
+
+        matcher = exporter.get_matching_route_path
     except ImportError:
-        get_matching_route_path = _get_matching_route_path
+        pass
     try:
-        return get_matching_route_path(scope, routes)
+        return matcher(scope, routes)
     except Exception:
         return None
 

@@ -200,7 +200,7 @@ class Scrapes:
 def _encode(families: list[Metric], accept: str, accept_encoding: str) -> tuple[bytes, list[tuple[str, str]]]:
     """prometheus_client's own negotiation (text or OpenMetrics) and gzip, as its WSGI app does."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(families))  # type: ignore[arg-type]
+    registry.register(_Snapshot(families))
     encoder, content_type = choose_encoder(accept)
     body = encoder(registry)
     headers = [("Content-Type", content_type)]
@@ -213,7 +213,13 @@ def _encode(families: list[Metric], accept: str, accept_encoding: str) -> tuple[
 class MetricsApp:
     """The routes: /metrics (credentials if configured), /healthz (open, detail with credentials), 404."""
 
-    def __init__(self, collector: ServerCollector, scrapes: Scrapes, access: web_config.Access, pool) -> None:
+    def __init__(
+        self,
+        collector: ServerCollector,
+        scrapes: Scrapes,
+        access: web_config.Access,
+        pool: concurrent.futures.Executor,
+    ) -> None:
         self.collector = collector
         self.scrapes = scrapes
         self.access = access

@@ -1,4 +1,4 @@
-"""The repository passes its linters: ruff (lint and format), hadolint on the Dockerfiles, shellcheck."""
+"""The repository passes its linters: ruff (lint, format), mypy, hadolint on the Dockerfiles, shellcheck."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def test_ruff_check():
 
 def test_ruff_format():
     run(str(BIN / "ruff"), "format", "--check", ".")
+
+
+def test_mypy_package():
+    run(str(BIN / "mypy"))  # files and options: [tool.mypy] in pyproject.toml
 
 
 def test_hadolint_dockerfiles():
