@@ -5,7 +5,9 @@ queueing for a thread. A timer on the worker's own loop shows both:
 
 - **lag**: every ``SAMPLE_INTERVAL`` (0.1 s) the timer notes when it was due; when it runs, the delay
   since then is how long every other callback on that loop had to wait too. Observed into a histogram
-  labelled by worker slot, and the worst of the last ``MAX_WINDOW`` seconds into a gauge.
+  labelled by worker slot, and the worst of the last ``MAX_WINDOW`` seconds into a gauge. The timer can
+  only report a stall once it is over, so a small thread raises that gauge to the stall so far while one
+  lasts (a loop stuck for a minute shows at the next scrape, not after the minute).
 - **thread pool** (only when the app imported ``anyio``, as Starlette and FastAPI do): tokens in use and
   the limit of AnyIO's default thread limiter, where Starlette runs ``def`` routes (40 tokens unless the
   app changes it), and how many tasks wait for a token.
@@ -13,8 +15,8 @@ queueing for a thread. A timer on the worker's own loop shows both:
 Why it costs nothing measurable: the request path is not touched at all (see :class:`StartOnFirstCall`
 for the one pass-through call per request). The timer runs ten times a second whatever the traffic and
 writes through prometheus_client's public API (``Histogram.observe``, ``Gauge.set``, a few microseconds
-each into the worker's memory-mapped files): about 0.01 % of one core. Gauges are written only when their
-value changed.
+each into the worker's memory-mapped files): about 0.03 % of one core. Gauges are written only when their
+value changed. The stall watcher thread wakes as often, reads two numbers and writes only during a stall.
 
 Why a wrapper starts it: Uvicorn workers create their event loop only after the ``post_worker_init`` hook
 returns, and Gunicorn has no hook that runs on the loop. The first ASGI call (Uvicorn's and Gunicorn's
@@ -27,6 +29,7 @@ import asyncio
 import inspect
 import logging
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -122,6 +125,7 @@ class LoopMonitor:
         self._threadpool_written: tuple[float, float, float] | None = None
         self._offset = 0.0
         self._reported_failure = False
+        self._due_monotonic = 0.0  # when the pending timer is due, on time.monotonic()'s clock
 
     @property
     def started(self) -> bool:
@@ -144,6 +148,8 @@ class LoopMonitor:
             self._offset = float("nan")
         self._second = int(loop.time())
         self._arm()
+        if self._offset == self._offset:  # the watcher needs the loop's clock on time.monotonic()'s
+            threading.Thread(target=self._watch_stalls, name="loop-stall-watch", daemon=True).start()
 
     def _now(self) -> float:
         if self._offset != self._offset:  # NaN: the loop's own clock
@@ -155,6 +161,7 @@ class LoopMonitor:
         loop = self.loop
         assert loop is not None
         due = loop.time() + self.interval
+        self._due_monotonic = due + self._offset
         loop.call_at(due, self._tick, due)
 
     def _tick(self, due: float) -> None:
@@ -163,6 +170,27 @@ class LoopMonitor:
         except Exception:  # a metrics fault costs samples, never the loop's other callbacks or a log flood
             self._report_failure()
         self._arm()
+
+    def _watch_stalls(self) -> None:
+        """Thread: while the loop is stalled, raise the worst-lag gauge to the stall so far.
+
+        Writes only during a stall longer than the sampling interval, and only above what the gauge holds;
+        the timer's own sample (at least as large) takes over when the loop runs again. The thread gets
+        the GIL from a loop blocked in Python code within ``sys.getswitchinterval()`` (5 ms), and at once
+        from one blocked in I/O or ``time.sleep``.
+        """
+        loop, figures, interval = self.loop, self._figures, self.interval
+        assert loop is not None and figures is not None
+        while not loop.is_closed():
+            time.sleep(interval)
+            if not loop.is_running():
+                continue  # not started yet, or between runs
+            stall = time.monotonic() - self._due_monotonic
+            if stall > interval and stall > self._lag_max_written:
+                try:
+                    figures.lag_max.set(stall)
+                except Exception:
+                    self._report_failure()
 
     def _report_failure(self) -> None:
         if not self._reported_failure:

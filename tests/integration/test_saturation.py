@@ -127,6 +127,26 @@ def test_a_blocked_loop_raises_the_lag_of_exactly_the_worker_that_ran_it(start_s
     )
 
 
+def test_a_stall_in_progress_shows_at_the_next_scrape(start_server, app_dir, tmp_path):
+    server = start(start_server, app_dir, tmp_path, WEB_CONCURRENCY="1")
+    every_worker_sampled(server, 1)
+    marks = Path(server.env["TEST_MARKS"])
+    blocker = threading.Thread(target=server.get, args=("/block",), kwargs={"params": {"seconds": 4}})
+    blocker.start()
+    try:
+        (pid,) = wait_until(lambda: os.listdir(marks), 10, "the stall to begin")
+        # Before the stall ends (4 s): the worst-lag gauge already holds more than a second of it.
+        text = scrape_until(
+            server,
+            lambda t: value(t, names.EVENT_LOOP_LAG_MAX, process=slot_of(server, int(pid))) >= 1.0,
+            "the stall so far",
+            timeout=3.5,
+        )
+        assert value(text, LAG_COUNT, process="w0") - value(text, LAG_BUCKET, process="w0", le="1.0") == 0
+    finally:
+        blocker.join(30)
+
+
 def test_sync_routes_fill_the_thread_pool_and_then_wait(start_server, app_dir, tmp_path):
     server = start(start_server, app_dir, tmp_path, WEB_CONCURRENCY="1")
     text = scrape_until(server, lambda t: value(t, names.THREADPOOL_LIMIT, process="w0") == 40, "the limit")

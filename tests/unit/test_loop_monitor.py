@@ -60,6 +60,40 @@ def test_a_blocked_loop_shows_as_lag(loop_name: str) -> None:
     assert 0.1 <= value(registry, names.EVENT_LOOP_LAG_MAX) <= 0.5
 
 
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_stall_shows_while_it_lasts(loop_name: str) -> None:
+    """The timer reports a stall only once it is over; the worst-lag gauge shows it meanwhile."""
+    import threading
+
+    registry = CollectorRegistry()
+    monitor = loop_monitor.LoopMonitor("w0", registry=registry)
+    seen_during: list[float] = []
+    stalled = threading.Event()
+    done = threading.Event()
+
+    def watch() -> None:
+        stalled.wait(5)
+        while not done.is_set():
+            current = value(registry, names.EVENT_LOOP_LAG_MAX) or 0.0
+            if current >= 0.3:
+                seen_during.append(current)
+                return
+            time.sleep(0.01)
+
+    async def main() -> None:
+        await wait_for(lambda: (value(registry, names.EVENT_LOOP_LAG + "_count") or 0) >= 2)
+        reader = threading.Thread(target=watch)
+        reader.start()
+        stalled.set()
+        time.sleep(1.0)  # the loop is stuck; the gauge must rise before this ends
+        done.set()
+        reader.join()
+
+    run(loop_name, main, monitor)
+    assert seen_during and seen_during[0] < 1.0, seen_during
+    assert above(registry, "0.5") == 1  # then the timer's own sample of the whole stall
+
+
 def test_the_worst_lag_leaves_the_gauge_after_its_window() -> None:
     registry = CollectorRegistry()
     monitor = loop_monitor.LoopMonitor("w3", window=1, registry=registry)
