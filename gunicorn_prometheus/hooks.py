@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import launch, lifecycle, metrics_process, multiproc_dir, server_state, slots
+from . import launch, lifecycle, metrics_process, multiproc_dir, server_state, shared_state, slots
 from .settings import ConfigError
 
 _slots = slots.SlotTable()
@@ -60,6 +60,7 @@ def prepare_master() -> None:
         _exit_config_error(err)
     slots.install_identity()
     slots.set_identity(slots.MASTER_IDENTITY)
+    shared_state.count_write_errors_as(shared_state.open_table(_directory()), None)
 
 
 def on_starting(server: Any) -> None:
@@ -112,6 +113,7 @@ def pre_fork(server: Any, worker: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     slots.set_identity(slots.slot_identity(worker.prometheus_slot))
+    shared_state.count_write_errors_as(shared_state.open_table(_directory()), worker.prometheus_slot)
     server_state.mark_worker(_state(), worker.prometheus_slot, os.getpid(), serving=False)
 
 
@@ -148,14 +150,12 @@ def worker_exit(server: Any, worker: Any) -> None:
         middleware.flush()  # observations still batched in memory reach the files before the process ends
     handled = getattr(middleware, "requests_handled", 0)
     recycled = bool(worker.max_requests) and handled >= worker.max_requests
-    try:
-        server_state.write_exit_reason(_state(), os.getpid(), "max_requests" if recycled else "clean")
-    except OSError:
-        pass  # the directory is gone (server stopping): the master counts a crash, nothing worse
+    server_state.write_exit_reason(_state(), worker.prometheus_slot, "max_requests" if recycled else "clean")
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    reported = server_state.pop_exit_reason(_state(), worker.pid)
+    slot = getattr(worker, "prometheus_slot", None)
+    reported = None if slot is None else server_state.pop_exit_reason(_state(), slot, worker.pid)
     _reaped(worker, lifecycle.exit_reason(getattr(worker, "aborted", False), reported))
 
 
@@ -164,7 +164,7 @@ def _reaped(worker: Any, reason: str) -> None:
     slot = getattr(worker, "prometheus_slot", None)
     if slot is None or _slots.holder(slot) is not worker:
         return  # not ours, or already released
-    lifecycle.worker_exited(reason, slots.slot_identity(slot))
+    lifecycle.worker_exited(reason, slot, worker.pid)
     server_state.clear_worker(_state(), slot)
     slots.clear_slot_live_gauges(_directory(), slot)
     _slots.release(slot)

@@ -28,10 +28,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from . import listen_backlog, metrics_process, process_stats, server_state, settings, web_config
+from . import (
+    lifecycle,
+    listen_backlog,
+    metrics_process,
+    process_stats,
+    server_state,
+    settings,
+    shared_state,
+    web_config,
+)
 from .collector import MultiProcessDirCollector
 from .derived import derive_request_totals
-from .lifecycle import EXITED_CPU_METRIC
 from .metrics_health import HealthFile
 from .metrics_http import HttpServer, Request, Response
 from .multiproc_dir import state_dir
@@ -64,6 +72,7 @@ class ServerView:
             "workers_alive": len(workers),
             "workers_serving": sum(1 for info in workers.values() if info.get("serving")),
             "workers": workers,
+            "metrics_write_errors": server_state.write_errors_total(self.state),
         }
 
 
@@ -74,22 +83,13 @@ class ServerCollector:
         self.files = MultiProcessDirCollector(None, directory)
         self.view = ServerView(directory, master_pid)
         self.files_read = 0  # by the last collect()
+        self.cpu = process_stats.CpuLedger(shared_state.open_table(directory))
 
     def collect(self) -> Iterator[Metric]:
-        families: list[Metric] = []
-        exited: list[tuple[str, float]] = []
         files = self.files.metric_files()
         self.files_read = len(files)
-        for family in self.files.merge(files):
-            if family.name == EXITED_CPU_METRIC:
-                exited.extend(
-                    (s.labels.get("process", ""), s.value)
-                    for s in family.samples
-                    if s.name.endswith("_total")
-                )
-            else:
-                families.append(family)
-        yield from derive_request_totals(families)
+        yield from derive_request_totals(list(self.files.merge(files)))
+        yield from lifecycle.families(server_state.server_record(self.view.state))
 
         snap = self.view.snapshot()
         for name, doc, value in (
@@ -117,11 +117,7 @@ class ServerCollector:
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
             yield gauge
-        yield from process_stats.families(
-            self.view.master_pid,
-            process_stats.worker_samples(snap["workers"]),
-            process_stats.exited_cpu(exited),
-        )
+        yield from process_stats.families(self.view.master_pid, snap["workers"], self.cpu)
         yield from listen_backlog.families(self.view.master_pid)
 
 

@@ -14,10 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
+from . import shared_state
 from .settings import ConfigError
 
 LOCK_NAME = ".lock"
-STATE_DIR = ".state"
+STATE_DIR = shared_state.STATE_DIR
 
 
 def prepare(directory: str | os.PathLike[str]) -> int:
@@ -58,6 +59,14 @@ def prepare(directory: str | os.PathLike[str]) -> int:
         stale.unlink(missing_ok=True)
     shutil.rmtree(path / STATE_DIR, ignore_errors=True)
     (path / STATE_DIR).mkdir(mode=0o700)
+    try:
+        shared_state.create(path)
+    except OSError as err:
+        os.close(lock_fd)
+        raise ConfigError(
+            f"{variable}={str(path)!r} cannot hold this server's state "
+            f"({shared_state.TABLE_SIZE // 1024} KiB): {err.strerror}"
+        ) from None
     return lock_fd
 
 
@@ -68,6 +77,7 @@ def release(directory: str | os.PathLike[str], lock_fd: int) -> None:
     files in memory until the next start.
     """
     path = Path(directory)
+    shared_state.forget(path)
     for ours in path.glob("*.db"):
         ours.unlink(missing_ok=True)
     shutil.rmtree(path / STATE_DIR, ignore_errors=True)

@@ -21,6 +21,9 @@ from collections.abc import Hashable
 
 from prometheus_client import multiprocess, values
 
+from . import metric_files
+from .shared_state import slot_name
+
 MASTER_IDENTITY = "master"
 
 # prometheus_client names files ``<prefix>_<identity>.db`` and its collector splits the name on "_" to
@@ -93,9 +96,7 @@ class SlotTable:
 
 def slot_identity(slot: int) -> str:
     """File identity of a slot: ``"w<slot>"`` (also the ``pid`` label value of ``all``-mode gauges)."""
-    if slot < 0:
-        raise ValueError(f"slot must be >= 0, got {slot}")
-    return f"w{slot}"
+    return slot_name(slot)
 
 
 def set_identity(name: str) -> None:
@@ -108,6 +109,8 @@ def set_identity(name: str) -> None:
     if not _IDENTITY_RE.fullmatch(name):
         raise ValueError(f"invalid identity {name!r}: use letters, digits, '.' or '-' (no '_')")
     _identity = (os.getpid(), name)
+    if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metric_files.allocate_identity(directory, name, values.ValueClass)
 
 
 def current_identity() -> str:
@@ -138,7 +141,7 @@ def install_identity() -> type:
             RuntimeWarning,
             stacklevel=2,
         )
-    cls = values.MultiProcessValue(process_identifier=current_identity)
+    cls = metric_files.guarded(values.MultiProcessValue(process_identifier=current_identity))
     cls._gunicorn_prometheus_identity = True
     values.ValueClass = cls
     return cls

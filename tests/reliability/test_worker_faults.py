@@ -6,8 +6,9 @@ import random
 import threading
 
 import httpx
+import psutil
 
-from tests.support.faults import LEAN, TINY_APP, kill_worker, scrape
+from tests.support.faults import LEAN, TINY_APP, CounterWatch, kill_worker, scrape
 from tests.support.server import write_app
 from tests.support.waiting import wait_until
 
@@ -21,16 +22,18 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
     """SIGKILL churn of workers under load.
 
     Two workers under four clients; one worker at a time is killed with SIGKILL as soon as its
-    replacement serves, ten times. Every answered request is in the app's own counter (written before
+    replacement serves, ten times, each time with the master paused until a scrape has seen the dead
+    worker unreaped. Every answered request is in the app's own counter (written before
     the answer), the HTTP request counter matches it within the flush bound (exactly once HTTP metrics
-    are written through), and every kill is counted as a `crash` exit.
+    are written through), and every kill is counted as a `crash` exit. A thread scrapes all along,
+    so scrapes fall between deaths and reaps: no counter, CPU ones included, may ever go down.
     """
     write_app(app_dir, TINY_APP)
     server = start_server(app_dir, METRICS_FLUSH_INTERVAL="0", **LEAN)
     server.wait_metrics_ready()
     kills, clients = 10, 4
     rng = random.Random(8)
-    with peaks(server) as peak:
+    with peaks(server) as peak, CounterWatch(server) as watch:
         run = load(server, clients=clients)
         for _ in range(kills):
             # the next victim only once both slots serve again and the load made progress
@@ -42,7 +45,16 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
                 30,
                 "both workers serving and answering",
             )
-            assert kill_worker(server, rng) is not None
+            # The master is stopped across the kill, so a scrape surely falls between the worker's death
+            # and the master's reap (where CPU counters used to drop by the dead worker's CPU).
+            server.master().suspend()
+            try:
+                victim = kill_worker(server, rng)
+                assert victim is not None
+                wait_until(lambda v=victim: _zombie(v), 10, "the killed worker to be a zombie")
+                watch.check()
+            finally:
+                server.master().resume()
         wait_until(lambda: len(server.workers()) == 2, 30, "the last replacement")
         run.stop()
     sent = 1 + run.sent  # the fixture's readiness probe too
@@ -55,6 +67,8 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
     final = wait_until(settled, 30, f"{answered} answered requests in the app's counter")
     hits = final.total("tiny_hits_total")
     http = final.total("starlette_requests_total")
+    assert watch.drops == [], watch.drops
+    assert watch.scrapes > kills
     assert set(run.statuses) == {200}, run.statuses
     assert answered <= hits <= answered + run.errors, (answered, run.errors, hits)
     if HTTP_COUNTS_EXACT:
@@ -71,6 +85,8 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
         errors=run.errors,
         faults=f"{kills} SIGKILL",
         series=final.series(),
+        scrapes_during_churn=watch.scrapes,
+        counter_drops=len(watch.drops),
         **peak.figures(),
     )
 
@@ -115,6 +131,13 @@ def test_worker_timeout_others_keep_serving(start_server, app_dir, load, figures
         answered_while_hung=during,
         series=final.series(),
     )
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _ignore_errors(call) -> None:

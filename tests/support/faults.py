@@ -264,3 +264,55 @@ class Figures:
 
     def record(self, **values: Any) -> None:
         self.values.update(values)
+
+
+# --- counters that must never go down ---------------------------------------------------------------------
+
+
+@dataclass
+class CounterWatch:
+    """Scrapes over and over in a thread and notes every counter sample that went down (a `_total`).
+
+    Used as `with CounterWatch(server) as watch: ...` around a fault; then `watch.drops` must be empty.
+    Series that vanish are not drops; a series coming back lower is.
+    """
+
+    server: Any
+    interval: float = 0.02
+    scrapes: int = 0
+    drops: list[tuple[str, float, float]] = field(default_factory=list)
+    _last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def check(self) -> None:
+        try:
+            response = self.server.metrics_get()
+        except httpx.HTTPError:
+            return
+        if response.status_code != 200:
+            return
+        self.scrapes += 1
+        for name, labels, value in Scrape.parse(response.text).samples:
+            if not name.endswith("_total"):
+                continue
+            key = (name, tuple(sorted(labels.items())))
+            before = self._last.get(key)
+            if before is not None and value < before:
+                self.drops.append((f"{name}{labels}", before, value))
+            self._last[key] = value
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.check()
+
+    def __enter__(self) -> CounterWatch:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+        self.check()
