@@ -65,6 +65,10 @@ def prepare_master() -> None:
 
 def on_starting(server: Any) -> None:
     prepare_master()
+    try:
+        multiproc_dir.check_space(_directory(), server.num_workers)
+    except ConfigError as err:
+        _exit_config_error(err)
     lifecycle.init()
     server_state.write_server(_state(), master_pid=os.getpid(), desired_workers=server.num_workers)
     cfg = server.cfg

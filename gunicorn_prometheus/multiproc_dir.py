@@ -70,6 +70,33 @@ def prepare(directory: str | os.PathLike[str]) -> int:
     return lock_fd
 
 
+#: prometheus_client gives each metric file 64 KiB to start with, and a worker usually has three: the HTTP
+#: duration histogram, the in-progress gauge and the app's own counters. The master has as many at most.
+FILE_BYTES = 1 << 16
+FILES_PER_PROCESS = 3
+
+
+def check_space(directory: str | os.PathLike[str], workers: int) -> None:
+    """Refuse, in one line, a directory whose filesystem cannot hold the metric files `workers` start with.
+
+    Running out later costs metrics, not requests (see metric_files), but a directory too small from the
+    start is a configuration mistake worth stopping for: a container's /dev/shm is 64 MiB by default, yet
+    some runtimes give far less.
+    """
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return  # not our business here: prepare() already proved the directory usable
+    free = stat.f_bavail * stat.f_frsize
+    need = (workers + 1) * FILES_PER_PROCESS * FILE_BYTES
+    if free < need:
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR={os.fspath(directory)!r} has {free // 1024} KiB free, but "
+            f"{workers} workers and the master need about {need // 1024} KiB for their metric files: give "
+            "it more space (e.g. docker run --shm-size=64m) or point it at a larger directory"
+        )
+
+
 def release(directory: str | os.PathLike[str], lock_fd: int) -> None:
     """On a clean stop: remove our files (the directory too when that leaves it empty) and unlock.
 

@@ -1,0 +1,143 @@
+"""Metrics storage faults under load: full tmpfs, removed directory, too small at start.
+
+Storage faults must cost metrics, never requests: every request gets its normal answer, no worker dies or
+fails to boot, the failure is logged once per process and file (with the path and what to do) and counted
+in `gunicorn_metrics_write_errors_total` and /healthz.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+from gunicorn_prometheus import names
+from tests.support.faults import LEAN, fill, kill_worker, scrape
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
+
+# Counts each request under its own path: every new path is a new label set, so the app's counter file
+# must grow while the storage is full. Answers 200 whatever happens to the metric.
+PATHS_APP = """
+    from prometheus_client import Counter
+
+    HITS = Counter("paths_hits", "Requests the app itself counted, by path.", ["path"])
+
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        HITS.labels(scope["path"]).inc()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+"""
+
+WRITE_ERRORS = names.METRICS_WRITE_ERRORS + "_total"
+LOGGED = "cannot write metrics to"
+
+
+def _random_path(rng: random.Random) -> tuple[str, str]:
+    return "GET", f"/p/{rng.randrange(10**9)}/" + "x" * 60
+
+
+def test_full_tmpfs_under_load(start_server, app_dir, small_tmpfs, load, peaks, figures):
+    """A full tmpfs under load, and a worker restarted on it.
+
+    The multiprocess directory is a 2 MiB tmpfs; once the server serves, a ballast file takes every free
+    page, then 600 requests on 600 new paths make the app's counter grow (new label sets) and one worker
+    is killed and must boot again on the full filesystem. All requests are answered 200; no worker dies
+    other than the one killed; the write errors are counted and shown in /healthz; each process logs the
+    fault once per file.
+    """
+    write_app(app_dir, PATHS_APP)
+    mount = small_tmpfs(2 * 2**20)
+    server = start_server(app_dir, PROMETHEUS_MULTIPROC_DIR=str(mount / "metrics"), **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "two workers")
+    ballast = fill(mount)
+    rng = random.Random(1)
+    with peaks(server) as peak:
+        run = load(server, clients=4, budget=600, request=_random_path)
+        wait_until(lambda: run.answered >= 200, 60, "200 answers on the full tmpfs")
+        assert kill_worker(server, rng) is not None
+        run.join()
+        wait_until(
+            lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the replacement"
+        )
+        after = server.get("/after-restart")
+    health = server.metrics_get("/healthz")
+    final = scrape(server)
+    assert run.errors <= 4 and set(run.statuses) == {200}, (run.errors, run.statuses)  # 4: cut by the kill
+    assert after.status_code == 200
+    assert final.total("gunicorn_worker_exits_total") == 1, final.values(
+        "gunicorn_worker_exits_total", "reason"
+    )
+    assert final.total("gunicorn_worker_boots_total") == 3
+    errors = final.total(WRITE_ERRORS)
+    assert errors >= 1, final.values(WRITE_ERRORS, "process")
+    assert health.status_code == 200 and health.json()["metrics_write_errors"] == errors, health.text
+    logged = [line for line in server.logs().splitlines() if LOGGED in line]
+    assert logged and len(logged) == len(set(logged)), logged  # once per process and file
+    assert "Traceback" not in server.logs()
+    figures.record(
+        sent=run.sent,
+        answered=run.answered,
+        errors=run.errors,
+        faults=f"tmpfs full ({ballast // 1024} KiB ballast) + 1 SIGKILL",
+        write_errors_counted=int(errors),
+        log_lines=len(logged),
+        series=final.series(),
+        **peak.figures(),
+    )
+
+
+def test_directory_removed_under_load(start_server, app_dir, load, figures):
+    """The metrics directory removed under load, and a worker restarted without it.
+
+    `rm -rf` of PROMETHEUS_MULTIPROC_DIR while four clients send requests on new paths, then a worker is
+    killed and must boot again. All requests are answered 200, the replacement serves, /metrics still
+    answers (what was in the files is gone with them, the lifecycle counts are not), and the write
+    errors are counted.
+    """
+    write_app(app_dir, PATHS_APP)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    directory = Path(server.env["PROMETHEUS_MULTIPROC_DIR"])
+    run = load(server, clients=4, budget=400, request=_random_path)
+    wait_until(lambda: run.answered >= 50, 60, "50 answers")
+    shutil.rmtree(directory)
+    wait_until(lambda: run.answered >= 200, 60, "200 answers without the directory")
+    assert kill_worker(server, random.Random(2)) is not None
+    run.join()
+    wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the replacement")
+    final = scrape(server)
+    assert run.errors <= 4 and set(run.statuses) == {200}, (run.errors, run.statuses)
+    assert server.get("/after").status_code == 200
+    assert final.total("gunicorn_worker_exits_total", reason="crash") == 1
+    assert final.total("gunicorn_worker_boots_total") == 3
+    assert final.total(WRITE_ERRORS) >= 1
+    assert "Traceback" not in server.logs()
+    figures.record(
+        sent=run.sent,
+        answered=run.answered,
+        errors=run.errors,
+        faults="directory removed + 1 SIGKILL",
+        write_errors_counted=int(final.total(WRITE_ERRORS)),
+        series=final.series(),
+    )
+
+
+def test_too_small_a_directory_is_refused_at_start(start_server, app_dir, small_tmpfs, figures):
+    """A directory too small for the expected files is refused at start, in one line.
+
+    A 256 KiB tmpfs cannot hold the state table and the metric files of two workers and the master: the
+    start fails with a non-zero exit, no traceback, and one line naming the variable, the free space and
+    what to do.
+    """
+    write_app(app_dir)
+    mount = small_tmpfs(256 * 1024)
+    server = start_server(app_dir, wait=None, PROMETHEUS_MULTIPROC_DIR=str(mount / "metrics"), **LEAN)
+    logs = server.failed_start_logs()
+    lines = [line for line in logs.splitlines() if "PROMETHEUS_MULTIPROC_DIR" in line]
+    assert len(lines) == 1 and "KiB free" in lines[0] and "--shm-size" in lines[0], logs
+    figures.record(faults="256 KiB tmpfs at start", refused_with=lines[0].split(": ", 1)[-1][:80])
