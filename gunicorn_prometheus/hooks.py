@@ -166,9 +166,10 @@ def child_exit(server: Any, worker: Any) -> None:
 def _reaped(worker: Any, reason: str) -> None:
     """Count the exit, then free the slot: its live gauges and state go before anyone reuses it."""
     slot = getattr(worker, "prometheus_slot", None)
+    pid: int = worker.pid
     if slot is None or _slots.holder(slot) is not worker:
         return  # not ours, or already released
-    lifecycle.worker_exited(reason, slot, worker.pid)
+    lifecycle.worker_exited(reason, slot, pid)
     server_state.clear_worker(_state(), slot)
     slots.clear_slot_live_gauges(_directory(), slot)
     _slots.release(slot)

@@ -67,10 +67,10 @@ def allocate_for(path: str, key: str | None) -> None:
         os.close(fd)
 
 
-def guarded(base: type) -> type:
+def guarded(base: type) -> Any:
     """A subclass of prometheus_client's multiprocess value class `base` that never raises or SIGBUSes."""
 
-    class GuardedValue(base):  # type: ignore[misc, valid-type]
+    class GuardedValue(base):
         _gunicorn_prometheus_guarded = True
         #: File prefixes values of this process use: a new identity's files are allocated up front.
         prefixes: set[str] = set()
@@ -162,7 +162,7 @@ def guarded(base: type) -> type:
     return GuardedValue
 
 
-def allocate_identity(directory: str | os.PathLike[str], identity: str, value_class: type) -> None:
+def allocate_identity(directory: str | os.PathLike[str], identity: str, value_class: Any) -> None:
     """Allocate this identity's files for the prefixes in use, before values switch to them.
 
     Values created before an identity change (a preloaded app's, in the master) reopen their files under

@@ -177,7 +177,7 @@ class Table:
 
     def server(self) -> ServerRecord:
         pid, desired, boots, *exits, errors = self._read(*_MASTER)
-        return ServerRecord(pid, desired, boots, tuple(exits), errors)  # type: ignore[arg-type]
+        return ServerRecord(pid, desired, boots, tuple(exits), errors)
 
     def write_server(self, record: ServerRecord) -> None:
         r = record
