@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import psutil
 
+from gunicorn_prometheus.metrics_process import PROCESS_NAME as METRICS_PROCESS_NAME
 from tests.support.metrics_text import samples
 from tests.support.server import scrape as scrape_text
 
@@ -209,11 +210,15 @@ class Peaks:
         threads = rss = 0
         with contextlib.suppress(psutil.Error):
             master = psutil.Process(self.server.proc.pid)
-            for proc in [master, *master.children(recursive=True)]:
+            # the metrics peers may have been re-parented away from the master: found by session
+            tree = {
+                p.pid: p for p in [master, *master.children(recursive=True), *self.server.metrics_peers()]
+            }
+            for proc in tree.values():
                 with contextlib.suppress(psutil.Error):
                     t, r = proc.num_threads(), proc.memory_info().rss
                     threads, rss = threads + t, rss + r
-                    if "metrics_server" in " ".join(proc.cmdline()):
+                    if proc.cmdline()[:1] == [METRICS_PROCESS_NAME]:
                         self.metrics_threads = max(self.metrics_threads, t)
                         self.metrics_rss_bytes = max(self.metrics_rss_bytes, r)
         self.threads, self.rss_bytes = max(self.threads, threads), max(self.rss_bytes, rss)

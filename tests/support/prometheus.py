@@ -19,8 +19,11 @@ class PrometheusStarter:
         self.work_dir = work_dir
         self.procs: list[subprocess.Popen] = []
 
-    def __call__(self, target: str, rule_files: tuple[str, ...] = ()) -> str:
-        """Start a Prometheus scraping `target` (host:port) and evaluating `rule_files`; return its URL."""
+    def __call__(self, target: str, rule_files: tuple[str, ...] = (), job: str = "") -> str:
+        """Start a Prometheus scraping `target` (host:port) and evaluating `rule_files`; return its URL.
+
+        `job`: more YAML lines of the scrape job (e.g. `scheme`, `basic_auth`, `tls_config`), unindented.
+        """
         binary = shutil.which("prometheus")
         assert binary, "the Debian package `prometheus` is missing: run scripts/install --test"
         port = free_port()
@@ -39,6 +42,7 @@ class PrometheusStarter:
                 static_configs:
                   - targets: ["{target}"]
             """)
+            + textwrap.indent(textwrap.dedent(job), "    ")
         )
         with (home / "prometheus.log").open("wb") as log:
             self.procs.append(

@@ -1,0 +1,451 @@
+"""The metrics side under faults and abuse: its processes killed, its port flooded, its credentials tried.
+
+Real masters, real metrics peers, real HTTP over loopback, promtool on what is served and a real
+Prometheus scraping through TLS, basic auth and a bearer token.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import gzip
+import os
+import socket
+import ssl
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import bcrypt
+import httpx
+import psutil
+import pytest
+
+from tests.support.faults import LEAN, TINY_APP, scrape
+from tests.support.paths import VENV_BIN
+from tests.support.prometheus import query
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
+
+KILLS = 6
+
+
+def _peers(server) -> list[psutil.Process]:
+    return sorted(server.metrics_peers(), key=lambda p: p.pid)
+
+
+def _serving(peer: psutil.Process) -> bool:
+    """Whether a peer has started serving: it then holds three pidfds (the master's, its own, its partner's),
+    while one still starting up holds at most the two it inherited."""
+    try:
+        fds = os.listdir(f"/proc/{peer.pid}/fd")
+        return sum(os.readlink(f"/proc/{peer.pid}/fd/{fd}") == "anon_inode:[pidfd]" for fd in fds) >= 3
+    except OSError:
+        return False
+
+
+def _metrics_status(server) -> int | None:
+    """Status of one GET /metrics on a bare socket (a client library's own set-up would blur the timing)."""
+    try:
+        answer = _raw(server, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n", timeout=2)
+    except OSError:
+        return None
+    return int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else None
+
+
+def test_metrics_peers_killed_repeatedly_under_load(start_server, app_dir, load, peaks, figures):
+    """kill -9 of the metrics server's processes, in any order, under app load.
+
+    Two metrics peers serve the port and replace each other; each kill -9 of either (the master's own
+    child, a peer's child, a re-parented one, in turn) leaves /metrics answering at once and two peers
+    again soon after, logged once per restart. No app request fails, every answered request is counted,
+    the read-error counter never goes down, and a kill -9 of the master takes the metrics side with it.
+    """
+    write_app(app_dir, TINY_APP)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: len(p := _peers(server)) == 2 and all(map(_serving, p)), 10, "two metrics peers")
+    master = server.master()
+    back_after: list[float] = []
+    replaced_after: list[float] = []
+    with peaks(server) as peak:
+        run = load(server, clients=2)
+        for kill in range(KILLS):
+            # alternately the older peer (at first the master's own child) and the younger (a peer's child)
+            peers = sorted(_peers(server), key=lambda p: p.create_time())
+            victim = peers[0] if kill % 2 == 0 else peers[-1]
+            survivors = {p.pid for p in peers} - {victim.pid}
+            victim.kill()
+            killed = time.monotonic()
+            wait_until(lambda: _metrics_status(server) == 200, 2, "/metrics answering after the kill")
+            back_after.append(time.monotonic() - killed)
+
+            def replaced(victim=victim, survivors=survivors) -> bool:
+                now = _peers(server)
+                pids = {p.pid for p in now}
+                return (
+                    len(now) == 2 and victim.pid not in pids and survivors <= pids and all(map(_serving, now))
+                )
+
+            wait_until(replaced, 10, "a replacement peer", details=server.logs)
+            replaced_after.append(time.monotonic() - killed)
+            wait_until(lambda: _metrics_status(server) == 200, 2, "/metrics from both peers")
+        run.stop()
+    answered = 1 + run.answered  # the readiness probe too
+    final = wait_until(
+        lambda: (s := scrape(server)).total("tiny_hits_total") >= answered and s, 30, "every answer counted"
+    )
+    assert run.errors == 0 and set(run.statuses) == {200}, (run.errors, run.statuses)
+    assert final.total("tiny_hits_total") == answered
+    assert server.logs().count("starting a replacement") == KILLS, server.logs()
+    assert peak.metrics_threads <= 6, peak.metrics_threads
+
+    peers = _peers(server)
+    master.kill()  # the whole metrics side leaves with the master
+    gone = time.monotonic()
+    wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in peers), 2, "peers gone")
+    figures.record(
+        sent=run.sent + 1,
+        answered=answered,
+        counted=int(final.total("tiny_hits_total")),
+        errors=run.errors,
+        faults=f"{KILLS} SIGKILL of a metrics peer, then SIGKILL of the master",
+        metrics_back_max_s=round(max(back_after), 3),
+        peer_replaced_max_s=round(max(replaced_after), 2),
+        peers_gone_after_master_s=round(time.monotonic() - gone, 2),
+        **peak.figures(),
+    )
+
+
+def test_healthcheck_fails_while_the_metrics_side_is_down(start_server, app_dir):
+    """The image HEALTHCHECK under Gunicorn follows the metrics server, never the app port.
+
+    Both peers stopped and then killed at once (nothing left to replace either): the app still answers,
+    yet the healthcheck exits 1, since an orchestrator must notice metrics that cannot be scraped.
+    """
+    write_app(app_dir)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: len(_peers(server)) == 2, 10, "two metrics peers")
+    assert _healthcheck(server) == 0
+    peers = _peers(server)
+    for peer in peers:
+        peer.suspend()  # neither can see the other die
+    for peer in peers:
+        peer.kill()
+    wait_until(lambda: _metrics_status(server) is None, 5, "the metrics port closed")
+    assert server.get("/").status_code == 200
+    assert _healthcheck(server) == 1
+
+
+def _healthcheck(server) -> int:
+    return subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "gunicorn_prometheus", "healthcheck"], env=server.env, timeout=30
+    ).returncode
+
+
+IDLE = 2000
+
+
+def _raise_nofile(wanted: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+@pytest.mark.parametrize("nofile", [1024, None], ids=["ulimit-1024", "default-ulimit"])
+def test_thousands_of_idle_and_slow_connections(start_server, app_dir, tmp_path, figures, nofile):
+    """2,000 idle or half-sent connections on the metrics port.
+
+    Half never send a byte, half send part of a request head. The metrics peers keep a bounded number of
+    connections (closing the longest-waiting ones), so threads and memory stay flat; /healthz and a
+    scrape still answer, also under a 1,024 open-files limit. The time each took is recorded.
+    """
+    write_app(app_dir)
+    script = "start.sh"
+    if nofile:
+        wrapper = tmp_path / "start-limited.sh"
+        wrapper.write_text(
+            f"#!/bin/sh\nulimit -n {nofile}\nexec {Path(__file__).parents[2]}/image/start.sh\n"
+        )
+        wrapper.chmod(0o755)
+        script = str(wrapper)
+    server = start_server(app_dir, script=script, **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: len(_peers(server)) == 2, 10, "two metrics peers")
+    before = {p.pid: p.memory_info().rss for p in _peers(server)}
+    quiet = min(_timed(server, "/healthz") for _ in range(5))
+    _raise_nofile(IDLE + 256)
+    sockets: list[socket.socket] = []
+    try:
+        for i in range(IDLE):
+            sock = socket.socket()
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", server.metrics_port))
+            if i % 2:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            sockets.append(sock)
+        peers = _peers(server)
+        threads = max(p.num_threads() for p in peers)
+        growth = max(p.memory_info().rss - before.get(p.pid, 0) for p in peers)
+        held = sum(
+            1 for p in peers for c in p.net_connections() if c.laddr and c.laddr.port == server.metrics_port
+        )
+
+        healthz = wait_until(lambda: _timed(server, "/healthz"), 10, "/healthz", ignore=(OSError,))
+        metrics = wait_until(lambda: _timed(server, "/metrics"), 10, "/metrics", ignore=(OSError,))
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert threads <= 6, threads
+    assert growth < 64 * 2**20, growth
+    # each peer holds at most its cap (512, or the open-files limit less a reserve), plus the listener
+    assert held <= 2 * (512 + 1), held
+    figures.record(
+        connections=IDLE,
+        open_files_limit=nofile or "default",
+        connections_held=held,
+        metrics_threads_peak=threads,
+        metrics_rss_growth_mb=round(growth / 2**20, 1),
+        healthz_ms_without_them=round(quiet * 1000, 1),
+        healthz_ms=round(healthz * 1000, 1),
+        scrape_ms=round(metrics * 1000, 1),
+    )
+
+
+def _timed(server, path: str) -> float:
+    """Seconds one GET on a new connection took (a bare socket: no client library's own set-up cost)."""
+    started = time.monotonic()
+    answer = _raw(server, f"GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    return time.monotonic() - started
+
+
+def test_request_limits_and_timeouts(start_server, app_dir):
+    """Oversized request lines and heads get 414 and 431, anything but GET/HEAD 405, a silent
+    connection is closed, and HEAD answers with headers only."""
+    write_app(app_dir)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    assert _raw(server, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
+    head = b"GET /metrics HTTP/1.1\r\n" + b"X-Filler: " + b"b" * 17000 + b"\r\n\r\n"
+    assert _raw(server, head).startswith(b"HTTP/1.1 431")
+    many = b"GET /metrics HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n"
+    assert _raw(server, many).startswith(b"HTTP/1.1 431")
+    assert _raw(server, b"POST /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert _raw(server, b"GET /nothing HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 404")
+    head_only = _raw(server, b"HEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert head_only.startswith(b"HTTP/1.1 200") and head_only.endswith(b"\r\n\r\n"), head_only[-200:]
+    # HEAD_TIMEOUT (10 s): a connection that sends nothing is closed by the server
+    with socket.create_connection(("127.0.0.1", server.metrics_port)) as sock:
+        sock.settimeout(20)
+        started = time.monotonic()
+        assert sock.recv(100) == b""
+        assert 9 <= time.monotonic() - started < 15
+
+
+def _raw(server, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` as is and read the answer until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.metrics_port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_fifty_concurrent_scrapes_are_each_valid(start_server, app_dir, figures):
+    """50 concurrent scrapes, in all formats: each one complete and valid under `promtool check metrics`."""
+    write_app(app_dir, TINY_APP)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    for _ in range(20):
+        server.get("/")
+    variants = [
+        {},
+        {"Accept-Encoding": "gzip"},
+        {"Accept": "application/openmetrics-text; version=1.0.0"},
+    ]
+
+    def one(i: int) -> tuple[float, bytes, str]:
+        headers = variants[i % len(variants)]
+        started = time.monotonic()
+        with httpx.Client(timeout=30) as client:
+            response = client.get(server.metrics_url + "/metrics", headers={**headers, "Connection": "close"})
+        assert response.status_code == 200
+        return time.monotonic() - started, response.content, response.headers["content-type"]
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    for _, body, content_type in results:
+        text = body.decode()  # httpx has already undone the gzip
+        assert "tiny_hits_total" in text
+        if "openmetrics" in content_type:
+            assert text.endswith("# EOF\n")
+        else:
+            result = subprocess.run(
+                ["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30
+            )
+            assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    answer = _raw(server, b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"Content-Encoding: gzip" in head and b"tiny_hits_total" in gzip.decompress(body)
+    figures.record(
+        scrapes=50, slowest_ms=round(max(r[0] for r in results) * 1000), all_valid="yes (promtool)"
+    )
+
+
+# --- access control ----------------------------------------------------------------------------------
+
+
+def _tls_files(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+PASSWORD = "s3cret-pass"
+
+
+@pytest.fixture
+def secured(start_server, app_dir, tmp_path):
+    """A server whose metrics port needs TLS and basic auth or a bearer token."""
+    write_app(app_dir)
+    cert, key = _tls_files(tmp_path)
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(
+        textwrap.dedent(f"""
+        tls_server_config:
+          cert_file: {cert.name}
+          key_file: {key.name}
+        basic_auth_users:
+          prometheus: {hashed}
+        """)
+    )
+    token = tmp_path / "token"
+    token.write_text("tok-123456\n")
+    server = start_server(
+        app_dir, METRICS_WEB_CONFIG=str(config), METRICS_BEARER_TOKEN_FILE=str(token), **LEAN
+    )
+    server.cert, server.token = cert, token  # type: ignore[attr-defined]
+    wait_until(
+        lambda: (
+            httpx.get(f"https://127.0.0.1:{server.metrics_port}/healthz", verify=_ca(cert)).status_code == 200
+        ),
+        30,
+        "https /healthz",
+        ignore=(httpx.HTTPError,),
+    )
+    return server
+
+
+def _ca(cert: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cert))
+
+
+def test_credentials_right_wrong_missing_over_tls(secured):
+    """Right, wrong and missing credentials, over TLS only.
+
+    Basic auth (bcrypt) and the bearer token each get 200; a wrong password, a wrong token, an unknown
+    scheme or none at all get 401 with `WWW-Authenticate` and no metrics; /healthz answers without
+    credentials but shows detail only with them; plain HTTP gets no answer.
+    """
+    url = f"https://127.0.0.1:{secured.metrics_port}"
+    verify = _ca(secured.cert)
+
+    def get(path: str, **headers: str) -> httpx.Response:
+        return httpx.get(url + path, headers=headers, verify=verify, timeout=10)
+
+    basic = "Basic " + base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()
+    wrong = "Basic " + base64.b64encode(b"prometheus:nope").decode()
+    assert get("/metrics", Authorization=basic).status_code == 200
+    assert "gunicorn_workers_serving" in get("/metrics", Authorization=basic).text
+    assert get("/metrics", Authorization="Bearer tok-123456").status_code == 200
+    for headers in (
+        {"Authorization": wrong},
+        {"Authorization": "Bearer tok-x"},
+        {"Authorization": "Digest x"},
+        {},
+    ):
+        response = get("/metrics", **headers)
+        assert response.status_code == 401, headers
+        assert response.headers["www-authenticate"].startswith("Basic realm=")
+        assert b"gunicorn" not in response.content
+        assert get("/nothing", **headers).status_code == 401
+    assert get("/healthz").json() == {"status": "ok"}
+    assert get("/healthz", Authorization=basic).json()["workers_serving"] >= 1
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{secured.metrics_port}/metrics", timeout=5).raise_for_status()
+    assert _healthcheck(secured) == 0
+
+
+def test_real_prometheus_scrapes_through_tls_basic_auth_and_bearer(secured, prometheus, figures):
+    """A real Prometheus scrapes the secured port: TLS with basic auth, TLS with a bearer token file;
+    a job with a wrong password is down with a 401."""
+    target = f"127.0.0.1:{secured.metrics_port}"
+    tls = f"tls_config:\n  ca_file: {secured.cert}\n"
+    with_basic = prometheus(
+        target, job=f"scheme: https\n{tls}basic_auth:\n  username: prometheus\n  password: {PASSWORD}\n"
+    )
+    with_token = prometheus(
+        target, job=f"scheme: https\n{tls}authorization:\n  credentials_file: {secured.token}\n"
+    )
+    with_wrong = prometheus(
+        target, job=f"scheme: https\n{tls}basic_auth:\n  username: prometheus\n  password: wrong\n"
+    )
+    for base in (with_basic, with_token):
+        wait_until(lambda base=base: query(base, 'up{job="app"} == 1'), 60, f"{base}: target up")
+        wait_until(lambda base=base: query(base, "gunicorn_workers_serving"), 30, f"{base}: series scraped")
+
+    def down_with_401() -> bool:
+        try:
+            targets = httpx.get(f"{with_wrong}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        except (httpx.HTTPError, KeyError, ValueError):
+            return False
+        return any(t["health"] == "down" and "401" in t.get("lastError", "") for t in targets)
+
+    wait_until(down_with_401, 60, "the wrong-password job down with 401")
+    figures.record(jobs="TLS + basic auth, TLS + bearer token file: up; wrong password: down (401)")
+
+
+@pytest.mark.parametrize(
+    ("variable", "content", "expected"),
+    [
+        (
+            "METRICS_WEB_CONFIG",
+            "basic_auth_users:\n  alice: plain-text\n",
+            "basic_auth_users.alice is not a bcrypt",
+        ),
+        (
+            "METRICS_WEB_CONFIG",
+            "tls_server_config:\n  cert_file: missing.crt\n",
+            "needs both cert_file and key_file",
+        ),
+        ("METRICS_WEB_CONFIG", "rate_limit:\n  burst: 2\n", "rate_limit is not supported"),
+        ("METRICS_WEB_CONFIG", "tls_server_config: [\n", "not valid YAML"),
+        ("METRICS_BEARER_TOKEN_FILE", "\n", "the file is empty"),
+    ],
+)
+def test_bad_access_files_fail_the_start_in_one_line(
+    start_server, app_dir, tmp_path, variable, content, expected
+):
+    """A bad web config or token file: one line naming the variable, non-zero exit, no traceback."""
+    write_app(app_dir)
+    path = tmp_path / "access-file"
+    path.write_text(content)
+    server = start_server(app_dir, wait=None, **{variable: str(path)})
+    logs = server.failed_start_logs()
+    line = next(line for line in logs.splitlines() if variable in line)
+    assert expected in line and "configuration error" in line, logs
