@@ -57,7 +57,7 @@ def test_full_tmpfs_under_load(start_server, app_dir, small_tmpfs, load, peaks, 
     ballast = fill(mount)
     rng = random.Random(1)
     with peaks(server) as peak:
-        run = load(server, clients=4, budget=600, request=_random_path)
+        run = load(server, clients=4, budget=600, request=_random_path, close=False)
         wait_until(lambda: run.answered >= 200, 60, "200 answers on the full tmpfs")
         assert kill_worker(server, rng) is not None
         run.join()
@@ -103,7 +103,7 @@ def test_directory_removed_under_load(start_server, app_dir, load, figures):
     server = start_server(app_dir, **LEAN)
     server.wait_metrics_ready()
     directory = Path(server.env["PROMETHEUS_MULTIPROC_DIR"])
-    run = load(server, clients=4, budget=400, request=_random_path)
+    run = load(server, clients=4, budget=400, request=_random_path, close=False)
     wait_until(lambda: run.answered >= 50, 60, "50 answers")
     shutil.rmtree(directory)
     wait_until(lambda: run.answered >= 200, 60, "200 answers without the directory")
