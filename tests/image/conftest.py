@@ -6,7 +6,9 @@ installs and configures it on a machine without Docker). Environment:
 - GP_ENGINE=docker|podman   force the engine.
 - GP_IMAGE=<tag>            test an image built elsewhere (CI's buildx job) instead of building one;
                             that image is not removed at the end.
-- GP_PYTHON_VERSION=3.11    PYTHON_VERSION build argument (default 3.11, the only base podman has here).
+- GP_PYTHON_VERSION=3.11    PYTHON_VERSION build argument (default 3.11). Under podman, scripts/podman-setup
+                            makes the base image's stand-in from Debian: 3.11 (bookworm) or 3.13 (trixie);
+                            `GP_PYTHON_VERSION=3.13 scripts/test -m image` is the opt-in 3.13 run.
 - GP_BASE_IMAGE=<ref>       BASE_IMAGE build argument (default python:$GP_PYTHON_VERSION-slim).
 - GP_SKIP_IMAGE_TESTS=1     skip every test marked `image` (test_tag_matrix.py still runs).
 
@@ -49,8 +51,9 @@ def engine() -> Iterator[Engine]:
     if forced == "docker" or (not forced and docker_answers()):
         eng = Engine("docker")
     else:
+        python = os.environ.get("GP_PYTHON_VERSION", "3.11")
         setup = subprocess.run(
-            ["bash", str(REPO / "scripts" / "podman-setup")], capture_output=True, text=True
+            ["bash", str(REPO / "scripts" / "podman-setup"), python], capture_output=True, text=True
         )
         if setup.returncode != 0:
             pytest.fail(f"scripts/podman-setup failed:\n{setup.stdout}\n{setup.stderr}")
