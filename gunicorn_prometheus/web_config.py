@@ -274,22 +274,43 @@ class Access:
             pass  # keep the last good token (a secret is replaced by a rename: briefly missing)
         return self._token
 
-    def _check_basic(self, encoded: str) -> bool:
+    def known_good(self, authorization: str) -> bool:
+        """Whether the header is a bearer token or remembered basic credentials that pass: no bcrypt, so
+        the event loop may call it, and a legitimate scraper never waits behind bcrypt of bad guesses."""
+        if not self.required:
+            return True
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            return self.check(authorization)
+        parsed = self._basic(credentials.strip()) if scheme.lower() == "basic" and self.users else None
+        if parsed is None:
+            return False
+        with self._lock:
+            return parsed[2] in self._good
+
+    def _basic(self, encoded: str) -> tuple[str, str, bytes] | None:
+        """(user, password, cache key) of a Basic header naming a configured user, else None."""
         try:
             user, sep, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            return False
+            return None
         hashed = self.users.get(user)
         if not sep or hashed is None:
+            return None
+        return user, password, hashlib.sha256(b"\0".join((user.encode(), password.encode(), hashed))).digest()
+
+    def _check_basic(self, encoded: str) -> bool:
+        parsed = self._basic(encoded)
+        if parsed is None:
             return False
-        key = hashlib.sha256(b"\0".join((user.encode(), password.encode(), hashed))).digest()
+        user, password, key = parsed
         with self._lock:
             if key in self._good:
                 self._good.move_to_end(key)
                 return True
         import bcrypt
 
-        if not bcrypt.checkpw(password.encode(), hashed):
+        if not bcrypt.checkpw(password.encode(), self.users[user]):
             return False
         with self._lock:
             self._good[key] = None
