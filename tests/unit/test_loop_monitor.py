@@ -154,6 +154,8 @@ def test_starts_on_the_first_asgi_call_and_passes_everything_through() -> None:
         await wrapped({"type": "lifespan"}, "r", "s")
         assert monitor.loop is asyncio.get_running_loop()
         await wrapped({"type": "http"}, "r2", "s2")
+        # from the second call on, a plain call returning the app's own coroutine
+        assert not asyncio.iscoroutinefunction(type(wrapped).__call__)
         await wait_for(lambda: (value(registry, names.EVENT_LOOP_LAG + "_count", "w2") or 0) >= 1)
 
     asyncio.run(main())
