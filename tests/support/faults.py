@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -240,8 +240,39 @@ def fill(directory: Path, leave: int = 0) -> int:
     return written
 
 
+class Poller:
+    """Runs `poll()` on a thread every `interval` seconds while a `with` block runs, and once at each end."""
+
+    interval: float
+    join_timeout: float = 5.0
+    _stop: threading.Event
+    _thread: threading.Thread | None
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self: P) -> P:
+        self.poll()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.join_timeout)
+        self.poll()
+
+
+P = TypeVar("P", bound=Poller)
+
+
 @dataclass
-class Peaks:
+class Peaks(Poller):
     """Highest threads, resident memory and metrics-directory size of a server's processes, sampled."""
 
     server: Any
@@ -255,6 +286,9 @@ class Peaks:
     dir_files: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+
+    def poll(self) -> None:
+        self.sample()
 
     def sample(self) -> None:
         threads = rss = 0
@@ -280,22 +314,6 @@ class Peaks:
                         size += os.stat(os.path.join(root, name)).st_blocks * 512
                         files += 1
         self.dir_bytes, self.dir_files = max(self.dir_bytes, size), max(self.dir_files, files)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> Peaks:
-        self.sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self.sample()
 
     def figures(self) -> dict[str, int]:
         return {
@@ -325,7 +343,7 @@ class Figures:
 
 
 @dataclass
-class CounterWatch:
+class CounterWatch(Poller):
     """Scrapes over and over in a thread and notes every counter sample that went down (a `_total`).
 
     Used as `with CounterWatch(server) as watch: ...` around a fault; then `watch.drops` must be empty.
@@ -334,11 +352,15 @@ class CounterWatch:
 
     server: Any
     interval: float = 0.02
+    join_timeout: float = 15.0
     scrapes: int = 0
     drops: list[tuple[str, float, float]] = field(default_factory=list)
     _last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+
+    def poll(self) -> None:
+        self.check()
 
     def check(self) -> None:
         try:
@@ -356,18 +378,3 @@ class CounterWatch:
             if before is not None and value < before:
                 self.drops.append((f"{name}{labels}", before, value))
             self._last[key] = value
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.check()
-
-    def __enter__(self) -> CounterWatch:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(15)
-        self.check()
