@@ -1,8 +1,9 @@
-"""Command line of the package: the steps the start scripts call, and the README table generator.
+"""Command line of the package: what the start scripts and the image's HEALTHCHECK run.
 
-python -m gunicorn_prometheus resolve          # validate; print `export` lines for /start.sh
-python -m gunicorn_prometheus resolve-reload   # the same for /start-reload.sh (no Gunicorn)
-python -m gunicorn_prometheus settings-table   # the README's environment table
+python -m gunicorn_prometheus serve [gunicorn arguments]  # the master (/start.sh): -k, -c, module:app
+python -m gunicorn_prometheus reload                      # /start-reload.sh: check, then Uvicorn --reload
+python -m gunicorn_prometheus healthcheck                 # the image's HEALTHCHECK
+python -m gunicorn_prometheus settings-table              # the README's environment table
 """
 
 from __future__ import annotations
@@ -10,20 +11,41 @@ from __future__ import annotations
 import os
 import sys
 
-from . import healthcheck, launch, settings
+from . import settings
 from .settings import ConfigError
+
+
+def _reload() -> int:
+    """Validate, then become `uvicorn --reload` on HOST/PORT/LOG_LEVEL (no Gunicorn, no metrics)."""
+    from . import launch
+
+    values = settings.current()
+    launch.check_reload(values)
+    app_dir = values.app_dir
+    args = [
+        sys.executable, "-m", "uvicorn", "--reload", "--reload-dir", app_dir, "--app-dir", app_dir,
+        "--host", values.host, "--port", str(values.port), "--log-level", values.log_level, str(values.app),
+    ]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, args)
+    return 0  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else ""
     try:
-        if command in ("resolve", "resolve-reload"):
-            exports = launch.resolve(os.environ, gunicorn=command == "resolve")
-            sys.stdout.write(launch.shell_exports(exports))
-            return 0
+        if command == "serve":
+            settings.current()  # before Gunicorn is imported: it reads WEB_CONCURRENCY at import
+            from .application import serve
+
+            return serve(args[1:])
+        if command == "reload":
+            return _reload()
         if command == "healthcheck":
-            return healthcheck.check(settings.load(os.environ))
+            from . import healthcheck
+
+            return healthcheck.check(settings.current())
         if command == "settings-table":
             sys.stdout.write(settings.markdown_table())
             return 0

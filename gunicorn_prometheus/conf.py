@@ -1,7 +1,8 @@
-"""Gunicorn settings computed from the environment, with the metrics hooks wired in.
+"""Gunicorn settings computed from the environment: what the bundled /gunicorn_conf.py sets and prints.
 
-The image's `/gunicorn_conf.py` is two lines that load this. A user's own `gunicorn_conf.py` can do the
-same and then change what it needs:
+Our hooks do not come from here: the master installs them whatever config file is used (see
+`application`), so a user's own `gunicorn_conf.py` needs nothing of ours. One that wants our computed
+values (the worker count from the container's CPUs, say) can still start from them:
 
     from gunicorn_prometheus.conf import gunicorn_settings
     globals().update(gunicorn_settings())
@@ -12,75 +13,79 @@ GUNICORN_CMD_ARGS still wins over all of it: Gunicorn applies it after the confi
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from . import cpu, launch, settings
-from .settings import ConfigError
+from . import cpu
+from .settings import ConfigError, Settings, current
 
 
-def gunicorn_settings(environ: MutableMapping[str, str] | None = None) -> dict[str, Any]:
-    """Gunicorn's settings for this environment; exits with one line on a configuration error.
+def upstream_config_line(settings: Settings, workers: int, limit: cpu.CpuLimit) -> dict[str, Any]:
+    """Upstream's start-up JSON (its keys, value types and derivations), then ours.
 
-    Also sets PROMETHEUS_MULTIPROC_DIR in the environment when it is missing, before anything imports
-    prometheus_client's multiprocess mode (the hooks do, in the master, before workers fork).
+    As upstream prints it: `host` and `port` are the environment's strings, `loglevel` is LOG_LEVEL's
+    value even when GUNICORN_CMD_ARGS changes Gunicorn's, `bind` is one string. Tools written for the
+    upstream image run `python <config file>` and parse this line.
     """
-    environ = os.environ if environ is None else environ
+    line: dict[str, Any] = {
+        "loglevel": settings.log_level,
+        "workers": workers,
+        "bind": settings.effective_bind,
+        "graceful_timeout": settings.graceful_timeout,
+        "timeout": settings.timeout,
+        "keepalive": settings.keep_alive,
+        "errorlog": settings.error_log,
+        "accesslog": settings.access_log,
+        "workers_per_core": settings.workers_per_core,
+        "use_max_workers": settings.max_workers or None,
+        "host": settings.host,
+        "port": str(settings.port),
+        # ours
+        "worker_class": settings.worker_class,
+        "cpu_count": limit.count,
+        "cpu_source": limit.source,
+        "metrics_host": settings.metrics_host,
+        "metrics_port": settings.metrics_port,
+        "multiproc_dir": settings.multiproc_dir,
+        "instrument": settings.metrics_instrument,
+        "app_name": settings.metrics_app_name,
+        "buckets": settings.metrics_buckets,
+        "skip_paths": sorted(settings.metrics_skip_paths),
+    }
+    if "METRICS_FLUSH_INTERVAL" in settings.values:
+        line["flush_interval"] = settings.value("METRICS_FLUSH_INTERVAL")
+    return line
+
+
+def gunicorn_settings(*, print_config: bool = True) -> dict[str, Any]:
+    """Gunicorn's settings for this environment; prints upstream's JSON line (as upstream's file does).
+
+    Exits with one line per mistake on a configuration error (the master has normally reported it
+    before any config file is read; this covers `python /gunicorn_conf.py` run by hand).
+    """
     try:
-        values = settings.load(environ)
+        settings = current()
     except ConfigError as err:
         lines = str(err).splitlines()
         raise SystemExit(
             "\n".join(f"gunicorn-prometheus: configuration error: {line}" for line in lines)
         ) from None
-    environ.setdefault("PROMETHEUS_MULTIPROC_DIR", launch.default_multiproc_dir(values["METRICS_PORT"]))
-
-    limit = cpu.detect(Path(values["CGROUP_ROOT"]))
+    limit = cpu.detect(Path(settings.cgroup_root))
     workers = cpu.worker_count(
-        limit.count, values["WORKERS_PER_CORE"], values["MAX_WORKERS"], values["WEB_CONCURRENCY"]
+        limit.count, settings.workers_per_core, settings.max_workers, settings.web_concurrency
     )
-    bind = values["BIND"] or f"{values['HOST']}:{values['PORT']}"
-
-    from . import hooks  # imports prometheus_client: only now that the directory is in the environment
-
-    hooks.prepare_master()
-
-    hooks.configure(
-        {
-            # upstream's remaining keys of the start-up JSON line
-            "workers_per_core": values["WORKERS_PER_CORE"],
-            "use_max_workers": values["MAX_WORKERS"] or None,
-            "host": values["HOST"],
-            "port": values["PORT"],
-            # ours
-            "cpu_count": limit.count,
-            "cpu_source": limit.source,
-            "metrics_host": values["METRICS_HOST"],
-            "metrics_port": values["METRICS_PORT"],
-            "instrument": values["METRICS_INSTRUMENT"],
-            "app_name": values["METRICS_APP_NAME"],
-            "buckets": values["METRICS_BUCKETS"],
-            "skip_paths": sorted(values["METRICS_SKIP_PATHS"]),
-            "flush_interval": values["METRICS_FLUSH_INTERVAL"],
-            "saturation": values["METRICS_SATURATION"],
-        }
-    )
-    result: dict[str, Any] = {
-        "bind": [bind],
+    if print_config:
+        print(json.dumps(upstream_config_line(settings, workers, limit)), flush=True)
+    return {
+        "bind": [settings.effective_bind],
         "workers": workers,
-        "loglevel": values["LOG_LEVEL"],
-        "timeout": values["TIMEOUT"],
-        "graceful_timeout": values["GRACEFUL_TIMEOUT"],
-        "keepalive": values["KEEP_ALIVE"],
-        "accesslog": values["ACCESS_LOG"],
-        "errorlog": values["ERROR_LOG"],
+        "loglevel": settings.log_level,
+        "timeout": settings.timeout,
+        "graceful_timeout": settings.graceful_timeout,
+        "keepalive": settings.keep_alive,
+        "accesslog": settings.access_log,
+        "errorlog": settings.error_log,
         "worker_tmp_dir": "/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
-        **hooks.HOOKS,
     }
-    if values["GUNICORN_CONTROL_SOCKET"]:
-        result["control_socket"] = values["GUNICORN_CONTROL_SOCKET"]
-    else:
-        result["control_socket_disable"] = True
-    return result

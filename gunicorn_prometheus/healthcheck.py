@@ -16,9 +16,8 @@ import fcntl
 import http.client
 import os
 import ssl
-from typing import Any
-
-from . import launch, multiproc_dir
+from . import multiproc_dir
+from .settings import Settings
 
 _ANY_ADDRESS = {"0.0.0.0", "::", ""}
 
@@ -83,24 +82,22 @@ def gunicorn_running(directory: str) -> bool:
     return False
 
 
-def _metrics_tls(values: dict[str, Any]) -> bool:
-    if not values.get("METRICS_WEB_CONFIG"):
+def _metrics_tls(settings: Settings) -> bool:
+    web_config_path = settings.values.get("METRICS_WEB_CONFIG")
+    if not web_config_path:
         return False
     from . import web_config
 
-    return web_config.load(values["METRICS_WEB_CONFIG"]).tls
+    return web_config.load(web_config_path).tls
 
 
-def check(values: dict[str, Any], timeout: float = 4.0) -> int:
+def check(settings: Settings, timeout: float = 4.0) -> int:
     """Exit status for Docker: 0 healthy, 1 unhealthy."""
-    directory = values["PROMETHEUS_MULTIPROC_DIR"] or launch.default_multiproc_dir(values["METRICS_PORT"])
-    if gunicorn_running(directory):
+    if gunicorn_running(settings.multiproc_dir):
         status = _status(
-            values["METRICS_HOST"], values["METRICS_PORT"], "/healthz", timeout, tls=_metrics_tls(values)
+            settings.metrics_host, settings.metrics_port, "/healthz", timeout, tls=_metrics_tls(settings)
         )
         return 0 if status == 200 else 1
-    app_host, app_port = values["HOST"], values["PORT"]
-    if values["BIND"] and not values["BIND"].startswith("unix:"):
-        app_host, _, port = values["BIND"].rpartition(":")
-        app_port = int(port)
-    return 0 if _status(app_host.strip("[]"), app_port, "/", timeout) is not None else 1
+    if settings.app_port is None:
+        return 1
+    return 0 if _status(settings.app_host, settings.app_port, "/", timeout) is not None else 1

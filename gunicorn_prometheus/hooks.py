@@ -1,203 +1,260 @@
-"""Gunicorn server hooks: thin calls into the modules that do the work.
+"""The master's state, whose bound methods are Gunicorn's server hooks; installed whatever the config file.
 
-Master: on_starting (fresh multiprocess directory, identity, start-up JSON), when_ready (metrics process),
-pre_fork (worker slot), child_exit (exit cause, slot release), nworkers_changed, on_exit.
-Worker: post_fork (slot identity), post_worker_init (instrumentation, "serving"), worker_exit (own reason).
+One `Master` per server, made by the master before Gunicorn reads its config file. It holds what the
+hooks share (the locked multiprocess directory, the worker slots, the metrics supervisor) instead of
+module globals, so a test can build one with a temporary directory and fake server/worker objects and
+call its hooks directly. `install()` chains each hook with whatever the config file set (a user's own
+`post_fork`, say): both run, ours first, and an exception in theirs stays theirs.
+
+Master: on_starting (the effective configuration), when_ready (metrics process), pre_fork (worker slot),
+child_exit (exit cause, slot release), nworkers_changed, on_exit.
+Worker: post_fork (slot identity, death with the master), post_worker_init (the app wrapped: ASGI2
+adapted, HTTP metrics; "serving"), worker_exit (its own exit reason).
 """
 
 from __future__ import annotations
 
+import ctypes
+import inspect
 import json
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import launch, lifecycle, metrics_process, multiproc_dir, server_state, shared_state, slots
-from .settings import ConfigError
+from . import asgi, launch, lifecycle, metrics_process, multiproc_dir, server_state, shared_state, slots
+from .settings import ConfigError, Settings
 
-_slots = slots.SlotTable()
-_supervisor = None
-_lock_fd: int | None = None
-_startup_info: dict[str, Any] = {}
+_PR_SET_PDEATHSIG = 1
 
-
-def configure(startup_info: dict[str, Any]) -> None:
-    """Called by the config module with the values it derived, for the start-up JSON line."""
-    _startup_info.clear()
-    _startup_info.update(startup_info)
-
-
-def _directory() -> str:
-    return os.environ["PROMETHEUS_MULTIPROC_DIR"]
-
-
-def _state() -> Path:
-    return multiproc_dir.state_dir(_directory())
+HOOK_NAMES = (
+    "on_starting",
+    "when_ready",
+    "pre_fork",
+    "post_fork",
+    "post_worker_init",
+    "worker_exit",
+    "child_exit",
+    "nworkers_changed",
+    "on_exit",
+)
 
 
-def _exit_config_error(err: ConfigError) -> None:
-    raise SystemExit(f"gunicorn-prometheus: configuration error: {err}")
+def config_error_exit(err: ConfigError) -> SystemExit:
+    """What the master raises for a configuration mistake: the lines on stderr, exit status 2."""
+    for line in str(err).splitlines():
+        print(f"gunicorn-prometheus: configuration error: {line}", file=sys.stderr, flush=True)
+    return SystemExit(2)
 
 
-def _bind_text(cfg: Any) -> str:
-    return ",".join(cfg.bind) if len(cfg.bind) > 1 else cfg.bind[0]
+def _die_with_master(master_pid: int) -> None:
+    """Have the kernel stop this worker when the master dies, even by SIGKILL (Linux; a no-op elsewhere).
 
-
-def prepare_master() -> None:
-    """Empty and lock the metrics directory and name the master's files; once per master process.
-
-    Called while Gunicorn reads its config, which is before `preload_app` imports the app in the master:
-    metrics created by a preloaded app must already use slot-style names and must not be wiped afterwards.
-    A config reload (SIGHUP) reads the config again; the directory is then left alone.
+    Without it, workers of a SIGKILLed master keep serving on the app port, and a restart fails to bind
+    it (issue: workers outlive a SIGKILLed master). The check after prctl covers a master that died
+    before it.
     """
-    global _lock_fd
-    if _lock_fd is not None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
         return
-    try:
-        _lock_fd = multiproc_dir.prepare(_directory())
-    except ConfigError as err:
-        _exit_config_error(err)
-    slots.install_identity()
-    slots.set_identity(slots.MASTER_IDENTITY)
-    shared_state.count_write_errors_as(shared_state.open_table(_directory()), None)
+    if os.getppid() != master_pid:
+        os._exit(0)
 
 
-def on_starting(server: Any) -> None:
-    prepare_master()
-    try:
-        multiproc_dir.check_space(_directory(), server.num_workers)
-    except ConfigError as err:
-        _exit_config_error(err)
-    lifecycle.init()
-    server_state.write_server(_state(), master_pid=os.getpid(), desired_workers=server.num_workers)
-    cfg = server.cfg
-    # Upstream's keys, read back from Gunicorn's effective config (so GUNICORN_CMD_ARGS shows), then ours.
-    info = {
-        "loglevel": cfg.loglevel,
-        "workers": cfg.workers,
-        "bind": _bind_text(cfg),
-        "graceful_timeout": cfg.graceful_timeout,
-        "timeout": cfg.timeout,
-        "keepalive": cfg.keepalive,
-        "errorlog": cfg.errorlog,
-        "accesslog": cfg.accesslog,
-        **_startup_info,
-        "worker_class": cfg.worker_class_str,
-        "multiproc_dir": _directory(),
-    }
-    print(json.dumps(info), flush=True)
+def chain(ours: Callable[..., Any], theirs: Callable[..., Any] | None) -> Callable[..., None]:
+    """One hook calling ours, then theirs, whatever either raises; with the arity Gunicorn checks."""
+
+    def both(*args: Any) -> None:
+        try:
+            ours(*args)
+        finally:
+            if theirs is not None:
+                theirs(*args)
+
+    both.__signature__ = inspect.signature(ours)  # type: ignore[attr-defined]
+    both.__name__ = getattr(ours, "__name__", "hook")
+    both._gunicorn_prometheus = True  # type: ignore[attr-defined]
+    both._theirs = theirs  # type: ignore[attr-defined]
+    return both
 
 
-def when_ready(server: Any) -> None:
-    global _supervisor
-    host, port = _startup_info["metrics_host"], _startup_info["metrics_port"]
-    try:
-        sock = metrics_process.bind_metrics_socket(host, port)
-    except OSError as err:
-        _exit_config_error(launch.bind_error("METRICS_PORT", host, port, err))
-    try:
-        _supervisor = metrics_process.start(sock, master_pid=os.getpid(), directory=_directory())
-    finally:
-        sock.close()  # before any worker forks: only the supervisor keeps the metrics socket
-    server.log.info("Metrics server on http://%s:%s/metrics (supervisor pid %s)", host, port, _supervisor.pid)
+class Master:
+    """What the master knows about its server; every hook is a bound method of it."""
 
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        start_metrics: Callable[..., metrics_process.MetricsSide] = metrics_process.start,
+    ) -> None:
+        self.settings = settings
+        self.directory = settings.multiproc_dir
+        self.slots = slots.SlotTable()
+        self.supervisor: metrics_process.MetricsSide | None = None
+        self.lock_fd: int | None = None
+        self.conf_path: str | None = None
+        self._start_metrics = start_metrics
 
-def pre_fork(server: Any, worker: Any) -> None:
-    # A holder Gunicorn no longer tracks can only be one whose fork failed after this hook: free it.
-    tracked = set(map(id, server.WORKERS.values()))
-    for held in _slots.held:
-        if id(_slots.holder(held)) not in tracked:
-            _slots.release(held)
-    slot = _slots.acquire(worker)
-    worker.prometheus_slot = slot
-    slots.clear_slot_live_gauges(_directory(), slot)  # a reused slot starts with no live gauges
-    lifecycle.worker_booted()
+    @property
+    def state(self) -> Path:
+        return multiproc_dir.state_dir(self.directory)
 
+    def prepare(self) -> None:
+        """Empty and lock the metrics directory and name the master's files; once per master process.
 
-def post_fork(server: Any, worker: Any) -> None:
-    slots.set_identity(slots.slot_identity(worker.prometheus_slot))
-    shared_state.count_write_errors_as(shared_state.open_table(_directory()), worker.prometheus_slot)
-    server_state.mark_worker(_state(), worker.prometheus_slot, os.getpid(), serving=False)
+        Runs before Gunicorn reads any config file, and so before any app import (a preloaded app, or a
+        config file that imports one): metrics the app creates must find the directory and use
+        slot-style names, and must not be wiped afterwards. A reload (SIGHUP) leaves the directory alone.
+        """
+        if self.lock_fd is not None:
+            return
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory
+        try:
+            self.lock_fd = multiproc_dir.prepare(self.directory)
+        except OSError as err:
+            raise ConfigError(
+                f"PROMETHEUS_MULTIPROC_DIR={self.directory!r} cannot be used: {err.strerror}"
+            ) from None
+        slots.install_identity()
+        slots.set_identity(slots.MASTER_IDENTITY)
+        shared_state.count_write_errors_as(shared_state.open_table(self.directory), None)
 
+    def install(self, cfg: Any) -> None:
+        """Put our hooks into Gunicorn's config, each chained with what the config file set there."""
+        for name in HOOK_NAMES:
+            setting = cfg.settings[name]
+            theirs = setting.get()
+            default = type(setting).default
+            if getattr(theirs, "_gunicorn_prometheus", False):
+                theirs = theirs._theirs  # installed twice on one config: chain with theirs, once
+            if _same_function(theirs, default):
+                theirs = None  # Gunicorn's no-op default
+            cfg.set(name, chain(getattr(self, name), theirs))
 
-def post_worker_init(worker: Any) -> None:
-    lifecycle.exit_cleanly_on_stop_signals()
-    if _startup_info.get("instrument", True):
-        from .instrumentation import PrometheusMiddleware
+    # --- master hooks -------------------------------------------------------------------------------
 
-        attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
-        middleware = PrometheusMiddleware(
-            getattr(worker, attribute),
-            app_name=_startup_info["app_name"],
-            buckets=_startup_info["buckets"],
-            skip_paths=_startup_info["skip_paths"],
-            flush_interval=_startup_info["flush_interval"],
+    def on_starting(self, server: Any) -> None:
+        try:
+            multiproc_dir.check_space(self.directory, server.num_workers)
+        except ConfigError as err:
+            raise config_error_exit(err) from None
+        lifecycle.init()
+        server_state.write_server(self.state, master_pid=os.getpid(), desired_workers=server.num_workers)
+        cfg = server.cfg
+        # One line with what Gunicorn will really use (after the config file and GUNICORN_CMD_ARGS),
+        # whichever config file printed upstream's line before; never starts with "{" so tools that
+        # look for upstream's JSON line do not take it for that.
+        effective = {
+            "config": self.conf_path,
+            "bind": list(cfg.bind),
+            "workers": cfg.workers,
+            "worker_class": cfg.worker_class_str,
+            "loglevel": cfg.loglevel,
+            "timeout": cfg.timeout,
+            "graceful_timeout": cfg.graceful_timeout,
+            "keepalive": cfg.keepalive,
+            "metrics": f"{self.settings.metrics_host}:{self.settings.metrics_port}",
+            "multiproc_dir": self.directory,
+        }
+        print(f"gunicorn-prometheus: effective configuration {json.dumps(effective)}", flush=True)
+
+    def when_ready(self, server: Any) -> None:
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        try:
+            sock = metrics_process.bind_metrics_socket(host, port)
+        except OSError as err:
+            raise config_error_exit(launch.bind_error(f"METRICS_PORT={port}", host, port, err)) from None
+        try:
+            self.supervisor = self._start_metrics(sock, master_pid=os.getpid(), directory=self.directory)
+        finally:
+            sock.close()  # before any worker forks: only the supervisor keeps the metrics socket
+        server.log.info(
+            "Metrics server on http://%s:%s/metrics (supervisor pid %s)", host, port, self.supervisor.pid
         )
-        setattr(worker, attribute, middleware)
-        worker.prometheus_middleware = middleware
-    if _startup_info.get("saturation", True):
-        from . import loop_monitor
 
-        loop_monitor.install(worker, slots.slot_identity(worker.prometheus_slot))
-    server_state.mark_worker(_state(), worker.prometheus_slot, os.getpid(), serving=True)
+    def pre_fork(self, server: Any, worker: Any) -> None:
+        # A holder Gunicorn no longer tracks can only be one whose fork failed after this hook: free it.
+        tracked = set(map(id, server.WORKERS.values()))
+        for held in self.slots.held:
+            if id(self.slots.holder(held)) not in tracked:
+                self.slots.release(held)
+        slot = self.slots.acquire(worker)
+        worker.prometheus_slot = slot
+        slots.clear_slot_live_gauges(self.directory, slot)  # a reused slot starts with no live gauges
+        lifecycle.worker_booted()
+
+    def child_exit(self, server: Any, worker: Any) -> None:
+        slot = getattr(worker, "prometheus_slot", None)
+        reported = None if slot is None else server_state.pop_exit_reason(self.state, slot, worker.pid)
+        self._reaped(worker, lifecycle.exit_reason(getattr(worker, "aborted", False), reported))
+
+    def nworkers_changed(self, server: Any, new_value: int, old_value: int | None) -> None:
+        if old_value is not None:
+            server_state.write_server(self.state, master_pid=os.getpid(), desired_workers=new_value)
+
+    def on_exit(self, server: Any) -> None:
+        if self.supervisor is not None:
+            metrics_process.stop(self.supervisor)
+        if self.lock_fd is not None:
+            multiproc_dir.release(self.directory, self.lock_fd)
+            self.lock_fd = None
+        sys.stdout.flush()
+
+    def _reaped(self, worker: Any, reason: str) -> None:
+        """Count the exit, then free the slot: its live gauges and state go before anyone reuses it."""
+        slot = getattr(worker, "prometheus_slot", None)
+        pid: int = worker.pid
+        if slot is None or self.slots.holder(slot) is not worker:
+            return  # not ours, or already released
+        lifecycle.worker_exited(reason, slot, pid)
+        server_state.clear_worker(self.state, slot)
+        slots.clear_slot_live_gauges(self.directory, slot)
+        self.slots.release(slot)
+
+    # --- worker hooks (run in the forked worker) ----------------------------------------------------
+
+    def post_fork(self, server: Any, worker: Any) -> None:
+        _die_with_master(server.pid)
+        slots.set_identity(slots.slot_identity(worker.prometheus_slot))
+        shared_state.count_write_errors_as(shared_state.open_table(self.directory), worker.prometheus_slot)
+        server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=False)
+
+    def post_worker_init(self, worker: Any) -> None:
+        lifecycle.exit_cleanly_on_stop_signals()
+        if self.settings.metrics_instrument:
+            from .instrumentation import PrometheusMiddleware
+
+            attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
+            options: dict[str, Any] = {}
+            if "METRICS_FLUSH_INTERVAL" in self.settings.values:
+                options["flush_interval"] = self.settings.value("METRICS_FLUSH_INTERVAL")
+            middleware = PrometheusMiddleware(
+                asgi.as_asgi3(getattr(worker, attribute)),
+                app_name=self.settings.metrics_app_name,
+                buckets=self.settings.metrics_buckets,
+                skip_paths=sorted(self.settings.metrics_skip_paths),
+                **options,
+            )
+            setattr(worker, attribute, middleware)
+            worker.prometheus_middleware = middleware
+        server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=True)
+
+    def worker_exit(self, server: Any, worker: Any) -> None:
+        if os.getpid() == server.pid:
+            # Gunicorn calls this in the master, instead of child_exit, for a worker it found already gone
+            # when it tried to signal it: the slot must still be released.
+            self._reaped(worker, "crash")
+            return
+        middleware = getattr(worker, "prometheus_middleware", None)
+        if middleware is not None:
+            middleware.flush()  # observations still batched in memory reach the files before the process ends
+        handled = getattr(middleware, "requests_handled", 0)
+        recycled = bool(worker.max_requests) and handled >= worker.max_requests
+        server_state.write_exit_reason(self.state, worker.prometheus_slot, "max_requests" if recycled else "clean")
 
 
-def worker_exit(server: Any, worker: Any) -> None:
-    if os.getpid() == server.pid:
-        # Gunicorn calls this in the master, instead of child_exit, for a worker it found already gone
-        # when it tried to signal it: the slot must still be released.
-        _reaped(worker, "crash")
-        return
-    middleware = getattr(worker, "prometheus_middleware", None)
-    if middleware is not None:
-        middleware.flush()  # observations still batched in memory reach the files before the process ends
-    handled = getattr(middleware, "requests_handled", 0)
-    recycled = bool(worker.max_requests) and handled >= worker.max_requests
-    server_state.write_exit_reason(_state(), worker.prometheus_slot, "max_requests" if recycled else "clean")
-
-
-def child_exit(server: Any, worker: Any) -> None:
-    slot = getattr(worker, "prometheus_slot", None)
-    reported = None if slot is None else server_state.pop_exit_reason(_state(), slot, worker.pid)
-    _reaped(worker, lifecycle.exit_reason(getattr(worker, "aborted", False), reported))
-
-
-def _reaped(worker: Any, reason: str) -> None:
-    """Count the exit, then free the slot: its live gauges and state go before anyone reuses it."""
-    slot = getattr(worker, "prometheus_slot", None)
-    pid: int = worker.pid
-    if slot is None or _slots.holder(slot) is not worker:
-        return  # not ours, or already released
-    lifecycle.worker_exited(reason, slot, pid)
-    server_state.clear_worker(_state(), slot)
-    slots.clear_slot_live_gauges(_directory(), slot)
-    _slots.release(slot)
-
-
-def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
-    if old_value is not None:
-        server_state.write_server(_state(), master_pid=os.getpid(), desired_workers=new_value)
-
-
-def on_exit(server: Any) -> None:
-    global _lock_fd
-    if _supervisor is not None:
-        metrics_process.stop(_supervisor)
-    if _lock_fd is not None:
-        multiproc_dir.release(_directory(), _lock_fd)
-        _lock_fd = None
-    sys.stdout.flush()
-
-
-HOOKS = {
-    "on_starting": on_starting,
-    "when_ready": when_ready,
-    "pre_fork": pre_fork,
-    "post_fork": post_fork,
-    "post_worker_init": post_worker_init,
-    "worker_exit": worker_exit,
-    "child_exit": child_exit,
-    "nworkers_changed": nworkers_changed,
-    "on_exit": on_exit,
-}
+def _same_function(a: Any, b: Any) -> bool:
+    return getattr(a, "__func__", a) is getattr(b, "__func__", b)

@@ -1,94 +1,44 @@
-"""What /start.sh and /start-reload.sh decide before Gunicorn (or Uvicorn) starts.
+"""Checks of what the server will really use, made in the master before anything binds or forks.
 
-`resolve()` reproduces upstream's start-up decisions (module detection, the GUNICORN_CONF search order,
-the prestart path) and then validates every setting, so that a configuration mistake is one line on
-stderr and a non-zero exit before anything forks, instead of a traceback from a worker.
-The shell scripts `eval` the `export` lines that `shell_exports()` prints.
+The environment is validated by `settings.Settings.from_environ()`; this module checks the values that
+only exist once Gunicorn has read its config file and `GUNICORN_CMD_ARGS` (the effective bind, worker
+class, app module and control socket), and names the source of each: `PORT`, `BIND`,
+`GUNICORN_CMD_ARGS` or the config file. Every mistake is one `ConfigError` line; the master prints it
+and exits non-zero before anything starts (Gunicorn itself would retry a taken port for 5 s, or fork
+workers that fail one after the other with a traceback).
 """
 
 from __future__ import annotations
 
+import ast
 import errno
 import importlib.util
 import os
-import shlex
 import socket
 import sys
-import tempfile
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from . import settings
-from .settings import ConfigError
-
-_BUILTIN_WORKERS = {"sync", "eventlet", "gevent", "tornado", "gthread", "asgi"}
+from .settings import ConfigError, Settings, host_of, port_of
 
 
-def detect_module(app_dir: Path) -> str | None:
-    """Upstream's detection: `app.main` if app/main.py exists, else `main` if main.py exists."""
-    if (app_dir / "app" / "main.py").is_file():
-        return "app.main"
-    if (app_dir / "main.py").is_file():
-        return "main"
-    return None
-
-
-def find_gunicorn_conf(app_dir: Path, bundled: str) -> str:
-    """Upstream's search order: the app's own config file first, else the bundled one."""
-    for candidate in (app_dir / "gunicorn_conf.py", app_dir / "app" / "gunicorn_conf.py"):
-        if candidate.is_file():
-            return str(candidate)
-    return bundled
-
-
-def default_multiproc_dir(metrics_port: int) -> str:
-    """A directory of this server's own, memory-backed where /dev/shm is writable.
-
-    The metrics port is part of the name: two servers on one host cannot share a metrics port, so they
-    cannot share this directory either.
-    """
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
-    return str(base / f"gunicorn-prometheus-{metrics_port}")
-
-
-def _module_importable(module: str, search_path: list[str]) -> bool:
-    """Whether `module` can be found, without running the app's module itself (only its packages)."""
-    old_path = sys.path[:]
-    sys.path[:0] = search_path
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-    finally:
-        sys.path[:] = old_path
-
-
-def _port_of(bind: str) -> int | None:
-    if bind.startswith("unix:"):
-        return None
-    return int(bind.rpartition(":")[2])
-
-
-def _host_of(bind: str) -> str:
-    return bind.rpartition(":")[0].strip("[]")
-
-
-def bind_error(variable: str, host: str, port: int, err: OSError) -> ConfigError:
-    """One line saying why `host:port` cannot be bound, naming the variable and what to do."""
+def bind_error(source: str, host: str, port: int, err: OSError) -> ConfigError:
+    """One line saying why `host:port` cannot be bound; `source` names the setting, e.g. "PORT=80"."""
     if isinstance(err, PermissionError):
         return ConfigError(
-            f"{variable}={port} cannot be bound on {host} by uid {os.geteuid()}: ports below 1024 need "
+            f"{source} cannot be bound on {host} by uid {os.geteuid()}: ports below 1024 need "
             f"root or CAP_NET_BIND_SERVICE; use a port >= 1024 such as 8080 when running as non-root"
         )
     if err.errno == errno.EADDRINUSE:
-        return ConfigError(f"{variable}={port} is already in use on {host}: choose a free port")
+        return ConfigError(f"{source} is already in use on {host}: choose a free port")
     if err.errno == errno.EADDRNOTAVAIL:
-        return ConfigError(f"{variable}: address {host} is not available on this machine")
-    return ConfigError(f"{variable}={port} cannot be bound on {host}: {err.strerror}")
+        return ConfigError(f"{source}: address {host} is not available on this machine")
+    return ConfigError(f"{source} cannot be bound on {host}: {err.strerror}")
 
 
-def probe_bind(host: str, port: int, variable: str) -> None:
+def probe_bind(host: str, port: int, source: str) -> None:
     """Fail now, in one line, where the server would fail to bind later (taken port, < 1024 as non-root)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -96,84 +46,195 @@ def probe_bind(host: str, port: int, variable: str) -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise bind_error(variable, host, port, err) from None
+            raise bind_error(source, host, port, err) from None
 
 
-def resolve(
-    environ: MutableMapping[str, str], *, gunicorn: bool = True, probe_ports: bool = True
-) -> dict[str, str]:
-    """Fill in the derived variables and validate everything; return what the shell must export.
+@dataclass(frozen=True)
+class Sources:
+    """Where Gunicorn's effective values came from, so an error names what the user must change."""
 
-    Raises ConfigError (one line per mistake) for any invalid value.
-    """
-    values = settings.load(environ)
-    app_dir = Path(values["APP_DIR"])
-    exports: dict[str, str] = {}
+    settings: Settings
+    conf_path: str | None
+    conf_values: Mapping[str, Any]
+    cmd_args: Mapping[str, Any]  # GUNICORN_CMD_ARGS, parsed by Gunicorn's own parser
+    environ: Mapping[str, str]
 
-    module = values["MODULE_NAME"] or detect_module(app_dir)
-    app_module = values["APP_MODULE"]
-    if app_module is None:
-        if module is None:
+    def bind(self, address: str) -> str:
+        """`PORT=80`, `BIND='…'`, `GUNICORN_CMD_ARGS='…'` or `bind = […] in <conf>` for one address."""
+        if self.cmd_args.get("bind"):
+            return f"GUNICORN_CMD_ARGS={self.environ.get('GUNICORN_CMD_ARGS', '')!r}"
+        written = self.conf_values.get("bind")  # shown as the user wrote it: a string or a list
+        conf_bind = [written] if isinstance(written, str) else written
+        if conf_bind is not None and list(conf_bind) != [self.settings.effective_bind]:
+            return f"bind = {written!r} in {self.conf_path}"
+        if self.settings.bind_variable == "PORT":
+            return f"PORT={self.settings.port}"
+        return f"BIND={self.settings.bind!r}"
+
+    def worker_class(self, value: str) -> str:
+        if self.cmd_args.get("worker_class"):
+            return f"GUNICORN_CMD_ARGS={self.environ.get('GUNICORN_CMD_ARGS', '')!r}"
+        return f"WORKER_CLASS={value!r}"
+
+
+def check_binds(binds: Sequence[str], sources: Sources, *, probe: bool = True) -> None:
+    """Every address Gunicorn will listen on is bindable and none is the metrics port."""
+    settings = sources.settings
+    metrics_port = settings.metrics_port
+    for address in binds:
+        port = port_of(address)
+        if port is None:
+            continue  # unix: or fd://: nothing to probe
+        source = sources.bind(address)
+        if port == metrics_port:
+            # Blame the one the user wrote: the app's PORT default (80) is not a choice, METRICS_PORT=80 is.
+            app_chosen = not (source.startswith("PORT=") and "PORT" not in sources.environ)
+            if "METRICS_PORT" in sources.environ and not app_chosen:
+                raise ConfigError(
+                    f"METRICS_PORT={metrics_port} is invalid: it is also the app's port ({address}); "
+                    "metrics are never served on the app's port, choose another"
+                )
             raise ConfigError(
-                f"MODULE_NAME is not set and neither {app_dir}/app/main.py nor {app_dir}/main.py exists: "
-                "put your app there or set MODULE_NAME (or APP_MODULE)"
+                f"{source} is invalid: port {port} is the metrics port (METRICS_PORT={metrics_port}); "
+                "choose another port for the app, or move the metrics with METRICS_PORT"
             )
-        app_module = f"{module}:{values['VARIABLE_NAME']}"
-        exports["MODULE_NAME"] = module
-    exports["VARIABLE_NAME"] = values["VARIABLE_NAME"]
-    exports["APP_MODULE"] = app_module
-    search_path = [str(app_dir), os.getcwd()]
-    module_of_app = app_module.partition(":")[0]
-    if not _module_importable(module_of_app, search_path):
-        variable = "APP_MODULE" if values["APP_MODULE"] else "MODULE_NAME"
-        raise ConfigError(
-            f"{variable}={environ.get(variable, module_of_app)!r} is invalid: no module {module_of_app!r} "
-            f"can be imported from {app_dir} or the Python path"
-        )
+        if probe:
+            probe_bind(host_of(address) or "0.0.0.0", port, source)
+    if probe:
+        probe_bind(settings.metrics_host, metrics_port, f"METRICS_PORT={metrics_port}")
 
-    exports["PRE_START_PATH"] = values["PRE_START_PATH"] or str(app_dir / "prestart.sh")
-    # The image sets PYTHONPATH=/app; outside it, the app directory must be importable all the same, as
-    # the check above assumed.
-    python_path = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(app_dir) not in python_path:
-        exports["PYTHONPATH"] = os.pathsep.join([str(app_dir), *python_path])
-    if not gunicorn:
-        return exports
 
-    conf = values["GUNICORN_CONF"] or find_gunicorn_conf(app_dir, values["DEFAULT_GUNICORN_CONF"])
-    if not os.access(conf, os.R_OK) or not Path(conf).is_file():
-        raise ConfigError(
-            f"GUNICORN_CONF={conf!r} is invalid: expected a readable Gunicorn configuration file"
-        )
-    exports["GUNICORN_CONF"] = conf
+# Gunicorn's own worker classes that speak ASGI; every other built-in one (sync, gthread, eventlet,
+# gevent, tornado) calls the app as WSGI, and an ASGI app would fail every request.
+_ASGI_MODULES = ("uvicorn", "uvicorn_worker", "gunicorn.workers.gasgi")
 
-    worker_class = values["WORKER_CLASS"]
-    if worker_class not in _BUILTIN_WORKERS:
-        module_name = worker_class.rpartition(".")[0]
-        if not module_name or not _module_importable(module_name, search_path):
-            raise ConfigError(
-                f"WORKER_CLASS={worker_class!r} is invalid: expected an importable worker class such as "
-                "uvicorn_worker.UvicornWorker, or asgi"
-            )
-    exports["WORKER_CLASS"] = worker_class
 
-    bind = values["BIND"] or f"{values['HOST']}:{values['PORT']}"
-    if _port_of(bind) == values["METRICS_PORT"]:
-        raise ConfigError(
-            f"METRICS_PORT={values['METRICS_PORT']} is invalid: it is also the app's port ({bind}); "
-            "metrics are never served on the app's port, choose another"
-        )
-    if probe_ports:
-        if (port := _port_of(bind)) is not None:
-            probe_bind(_host_of(bind), port, "BIND" if values["BIND"] else "PORT")
-        probe_bind(values["METRICS_HOST"], values["METRICS_PORT"], "METRICS_PORT")
+def check_worker_class(load: Any, source: str) -> type:
+    """The worker class loads, is a Gunicorn worker, and serves ASGI. `load` is Gunicorn's loader."""
+    from gunicorn.workers.base import Worker
 
-    exports["PROMETHEUS_MULTIPROC_DIR"] = values["PROMETHEUS_MULTIPROC_DIR"] or default_multiproc_dir(
-        values["METRICS_PORT"]
+    expected = "an ASGI Gunicorn worker class such as uvicorn_worker.UvicornWorker, or asgi"
+    try:
+        cls = load()
+    except Exception:
+        raise ConfigError(f"{source} is invalid: expected {expected}; it cannot be imported") from None
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise ConfigError(f"{source} is invalid: expected {expected}; it is not a Gunicorn worker")
+    asgi = any(
+        base.__module__ == name or base.__module__.startswith(name + ".")
+        for base in cls.__mro__
+        for name in _ASGI_MODULES
     )
-    return exports
+    if not asgi:
+        raise ConfigError(f"{source} is invalid: expected {expected}; {cls.__name__} serves WSGI apps only")
+    return cls
 
 
-def shell_exports(exports: Mapping[str, str]) -> str:
-    """`export NAME=value` lines, quoted for the shell that evals them."""
-    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in exports.items())
+def app_source(settings: Settings, environ: Mapping[str, str], uri: str) -> tuple[str, str]:
+    """The variables to blame for the module and for the attribute of `uri`."""
+    if environ.get("APP_MODULE") == uri:
+        return f"APP_MODULE={uri!r}", f"APP_MODULE={uri!r}"
+    module, _, attribute = uri.partition(":")
+    module_source = f"MODULE_NAME={module!r}" if environ.get("MODULE_NAME") else f"module {module!r}"
+    return module_source, f"VARIABLE_NAME={attribute or 'application'!r}"
+
+
+def check_app(uri: str | None, settings: Settings, environ: Mapping[str, str]) -> None:
+    """The app's module can be found and defines the variable, without running the app's module.
+
+    Only its parent packages are imported (find_spec needs them); the module itself is parsed, not run,
+    so the app is imported once, by each worker. A module whose names are not all visible to a parser
+    (a star import, a module __getattr__) is given the benefit of the doubt: Gunicorn's worker reports
+    it then (see `application.Application.load`).
+    """
+    if not uri:
+        app_dir = settings.app_dir
+        if not os.path.isdir(app_dir):
+            raise ConfigError(f"APP_DIR={app_dir!r} is invalid: expected the directory of your app")
+        raise ConfigError(
+            f"MODULE_NAME is not set and neither {app_dir}/app/main.py nor {app_dir}/main.py exists: "
+            "put your app there or set MODULE_NAME (or APP_MODULE)"
+        )
+    module, _, attribute = uri.partition(":")
+    module_source, attribute_source = app_source(settings, environ, uri)
+    try:
+        spec = importlib.util.find_spec(module)
+    except Exception:
+        spec = None
+    if spec is None:
+        raise ConfigError(
+            f"{module_source} is invalid: no module {module!r} can be imported from "
+            f"{settings.app_dir} or the Python path"
+        )
+    name = (attribute or "application").split("(")[0].strip()
+    if not name.isidentifier() or spec.origin is None or not spec.origin.endswith(".py"):
+        return
+    try:
+        tree = ast.parse(Path(spec.origin).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return  # the worker reports a syntax error with its line, which a one-liner here would hide
+    if not _may_define(tree, name):
+        raise ConfigError(
+            f"{attribute_source} is invalid: module {module!r} ({spec.origin}) defines no {name!r}; "
+            "expected the name of the variable that holds the ASGI app"
+        )
+
+
+def _may_define(tree: ast.Module, name: str) -> bool:
+    """Whether the module's top level may bind `name` (conservative: True when it cannot tell)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+            return True
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name in (
+            name,
+            "__getattr__",
+        ):
+            return True
+        if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Store):
+            return True
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name.split(".")[0]) == name:
+                    return True
+        if isinstance(node, ast.Global) and name in node.names:
+            return True
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("globals", "setattr", "exec"):
+            return True
+    return False
+
+
+def check_control_socket(cfg: Any, environ: Mapping[str, str]) -> None:
+    """Where Gunicorn will create its control socket is usable (a read-only root would fail later)."""
+    if getattr(cfg, "control_socket_disable", True):
+        return
+    path = Path(cfg.control_socket)
+    source = (
+        f"GUNICORN_CONTROL_SOCKET={str(path)!r}"
+        if environ.get("GUNICORN_CONTROL_SOCKET")
+        else f"control_socket={str(path)!r}"
+    )
+    if path.exists() and not path.is_socket():
+        raise ConfigError(f"{source} is invalid: it exists and is not a socket; expected a free path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # Gunicorn creates missing directories: the nearest existing one decides
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{source} is invalid: {parent} is not a writable directory; expected a path this user "
+            "can create, or an empty GUNICORN_CONTROL_SOCKET to keep the control socket off"
+        )
+
+
+def check_conf_file(path: str, settings: Settings, environ: Mapping[str, str]) -> None:
+    if not (Path(path).is_file() and os.access(path, os.R_OK)):
+        variable = "GUNICORN_CONF"
+        if not environ.get("GUNICORN_CONF") and path == settings.default_gunicorn_conf:
+            variable = "DEFAULT_GUNICORN_CONF"
+        raise ConfigError(f"{variable}={path!r} is invalid: expected a readable Gunicorn configuration file")
+
+
+def check_reload(settings: Settings) -> None:
+    """What /start-reload.sh needs: an app that can be found (no Gunicorn, so nothing else applies)."""
+    if settings.app_dir not in sys.path:
+        sys.path.insert(0, settings.app_dir)
+    check_app(settings.app, settings, os.environ)

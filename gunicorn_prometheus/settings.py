@@ -1,10 +1,12 @@
-"""Every environment variable the image reads, declared once.
+"""Every environment variable the image reads, declared once, and the typed `Settings` built from them.
 
-Each `Setting` carries its name, its default, the parser that validates it and the one line of
-documentation that the README table is generated from (`python -m gunicorn_prometheus settings-table`),
-in the manner of Gunicorn's own ``config.py``. `load()` validates all of them at once, before anything
-forks, and turns every mistake into a `ConfigError` whose message is one line naming the variable, the
-value and what was expected.
+Each `Setting` carries its name, its README section, its default, the parser that validates it and the
+one line of documentation that the README table is generated from (`python -m gunicorn_prometheus
+settings-table`), in the manner of Gunicorn's own ``config.py``. `Settings.from_environ()` parses all of
+them at once, before anything forks, turns every mistake into a `ConfigError` whose message is one line
+naming the variable, the value and what was expected, and computes the derived values (the effective
+bind, the app module, the config file, the multiprocess directory) in this one place, so the master, the
+config file and the health check cannot disagree about them.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.metrics import Histogram
@@ -134,7 +138,10 @@ def _log_level(raw: str) -> str:
 
 def _log_target(raw: str) -> str | None:
     """Upstream's convention: '-' is the console, an empty value turns the log off."""
-    return raw.strip() or None
+    value = raw.strip()
+    if value and value != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise ValueError("'-' (the console), empty (off), or a file in an existing directory")
+    return value or None
 
 
 def _path(raw: str) -> str:
@@ -179,15 +186,76 @@ def _buckets(raw: str) -> tuple[float, ...]:
     return values
 
 
+_REGEX_CHARS = re.compile(r"[\\^$|?*+()\[\]{}]")
+
+
 def _paths(raw: str) -> frozenset[str]:
+    """Exact paths, or regular expressions matched against the whole path (as starlette_exporter's)."""
+    expected = "URL paths starting with / separated by commas, such as /health,/ready or /static/.*"
     paths = frozenset(part.strip() for part in raw.split(",") if part.strip())
-    if any(not p.startswith("/") for p in paths):
-        raise ValueError("URL paths starting with / separated by commas, such as /health,/ready")
+    for path in sorted(paths):
+        if not path.startswith("/"):
+            raise ValueError(expected)
+        if _REGEX_CHARS.search(path):
+            try:
+                re.compile(path)
+            except re.error as err:
+                raise ValueError(f"{expected}; {path!r} is not a valid regular expression ({err})") from None
     return paths
 
 
-def _text(raw: str) -> str:
+# Kernel pseudo file systems: a directory there cannot hold files (or holds the kernel's own).
+_PSEUDO_FS = ("/proc", "/sys", "/dev/pts")
+
+
+def _directory(raw: str) -> str:
+    path = _path(raw)
+    if not os.path.isabs(path):
+        raise ValueError("an absolute directory path such as /dev/shm/metrics")
+    normal = os.path.normpath(path)
+    if any(normal == fs or normal.startswith(fs + "/") for fs in _PSEUDO_FS):
+        raise ValueError("a directory on a writable file system, not under /proc, /sys or /dev/pts")
+    return path
+
+
+def _socket_path(raw: str) -> str:
+    """Empty (off), or where Gunicorn may create its control socket."""
+    if not raw.strip():
+        return ""
+    path = _path(raw)
+    if not os.path.isabs(path):
+        raise ValueError("an absolute path for a Unix socket such as /tmp/gunicorn.ctl, or empty for off")
+    return path
+
+
+def _gunicorn_args(raw: str) -> str:
+    """Options Gunicorn's own parser accepts (it reads them itself; a mistake there prints a usage page)."""
+    import contextlib
+    import io
+    import shlex
+
+    from gunicorn.config import Config
+
+    expected = "Gunicorn command-line options such as --log-level debug"
+    try:
+        args = shlex.split(raw)
+    except ValueError as err:
+        raise ValueError(f"{expected} ({err})") from None
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            Config().parser().parse_args(args)
+    except SystemExit:
+        reason = (errors.getvalue().strip().splitlines() or ["not accepted"])[-1]
+        raise ValueError(f"{expected} ({reason.partition('error: ')[2] or reason})") from None
     return raw
+
+
+def _absolute_path(raw: str) -> str:
+    path = _path(raw)
+    if not os.path.isabs(path):
+        raise ValueError("an absolute path")
+    return path
 
 
 _DEFAULT_BUCKETS = ",".join(str(b) for b in Histogram.DEFAULT_BUCKETS if math.isfinite(b))
@@ -250,8 +318,9 @@ SETTINGS: tuple[Setting, ...] = (
         "WORKER_CLASS",
         UPSTREAM,
         _worker_class,
-        "Gunicorn worker class. `uvicorn.workers.UvicornWorker`, `uvicorn.workers.UvicornH11Worker`, "
-        "`uvicorn_worker.UvicornH11Worker` and Gunicorn's native `asgi` also work.",
+        "Gunicorn worker class, an ASGI one: `uvicorn.workers.UvicornWorker`, "
+        "`uvicorn.workers.UvicornH11Worker`, `uvicorn_worker.UvicornH11Worker` and Gunicorn's native `asgi` "
+        "also work.",
         default="uvicorn_worker.UvicornWorker",
     ),
     # --- the listening socket ---
@@ -305,13 +374,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GUNICORN_CMD_ARGS",
         UPSTREAM,
-        _text,
+        _gunicorn_args,
         "Extra Gunicorn command-line settings; they win over every variable here and the config file.",
     ),
     Setting(
         "GUNICORN_CONTROL_SOCKET",
         UPSTREAM,
-        _text,
+        _socket_path,
         "Path of Gunicorn's control socket (`gunicornc`); empty keeps it off, so read-only and non-root "
         "containers start cleanly.",
         default="",
@@ -328,7 +397,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PROMETHEUS_MULTIPROC_DIR",
         METRICS,
-        _path,
+        _directory,
         "Directory where every process writes its metrics; emptied at start-up, must belong to this server.",
         default_doc="`/dev/shm/gunicorn-prometheus-$METRICS_PORT` (memory-backed), else under the temp "
         "directory",
@@ -388,11 +457,14 @@ SETTINGS: tuple[Setting, ...] = (
         "METRICS_SKIP_PATHS",
         METRICS,
         _paths,
-        "Request paths left out of the HTTP metrics, comma-separated.",
+        "Request paths left out of the HTTP metrics, comma-separated; an entry with regular expression "
+        "characters (such as `/static/.*`) must match the whole path.",
         default="",
     ),
     # --- paths that are fixed in the image, overridable to run as plain processes ---
-    Setting("APP_DIR", PATHS, _path, "Directory of the user's app (`/app` in the image).", default="/app"),
+    Setting(
+        "APP_DIR", PATHS, _absolute_path, "Directory of the user's app (`/app` in the image).", default="/app"
+    ),
     Setting(
         "DEFAULT_GUNICORN_CONF",
         PATHS,
@@ -403,7 +475,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CGROUP_ROOT",
         PATHS,
-        _path,
+        _absolute_path,
         "Where the cgroup file systems are mounted (for CPU detection).",
         default="/sys/fs/cgroup",
     ),
@@ -434,20 +506,36 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     errors: list[str] = []
-    for setting in SETTINGS:
+    # GUNICORN_CMD_ARGS is checked with Gunicorn's own parser, and importing Gunicorn reads (and chokes
+    # on) a bad WEB_CONCURRENCY: so it comes last, and only when everything else is valid.
+    ordered = sorted(SETTINGS, key=lambda s: s.name == "GUNICORN_CMD_ARGS")
+    for setting in ordered:
+        if errors and setting.name == "GUNICORN_CMD_ARGS":
+            continue
         try:
             values[setting.name] = parse_one(setting, environ)
         except ConfigError as err:
             errors.append(str(err))
     if errors:
         raise ConfigError("\n".join(errors))
-    return values
+    return {s.name: values[s.name] for s in SETTINGS}
+
+
+SECTION_TITLES = {
+    UPSTREAM: "Upstream's settings (same names, same meaning)",
+    METRICS: "Metrics",
+    PATHS: "Paths fixed in the image, overridable to run as plain processes",
+}
 
 
 def markdown_table() -> str:
-    """The README's table of environment variables, generated from `SETTINGS`."""
+    """The README's table of environment variables, generated from `SETTINGS`, one group per section."""
     lines = ["| Variable | Default | What it does |", "|---|---|---|"]
+    section = None
     for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            lines.append(f"| **{SECTION_TITLES.get(section, section)}** | | |")
         if s.default_doc:
             default = s.default_doc
         elif s.default is None:
@@ -458,3 +546,155 @@ def markdown_table() -> str:
             default = f"`{s.default}`"
         lines.append(f"| `{s.name}` | {default} | {s.doc} |")
     return "\n".join(lines) + "\n"
+
+
+# --- the typed, derived view ----------------------------------------------------------------------
+
+
+def detect_module(app_dir: Path) -> str | None:
+    """Upstream's detection: `app.main` if app/main.py exists, else `main` if main.py exists."""
+    if (app_dir / "app" / "main.py").is_file():
+        return "app.main"
+    if (app_dir / "main.py").is_file():
+        return "main"
+    return None
+
+
+def find_gunicorn_conf(app_dir: Path, bundled: str) -> str:
+    """Upstream's search order: the app's own config file first, else the bundled one."""
+    for candidate in (app_dir / "gunicorn_conf.py", app_dir / "app" / "gunicorn_conf.py"):
+        if candidate.is_file():
+            return str(candidate)
+    return bundled
+
+
+def default_multiproc_dir(metrics_port: int) -> str:
+    """A directory of this server's own, memory-backed where /dev/shm is writable.
+
+    The metrics port is part of the name: two servers on one host cannot share a metrics port, so they
+    cannot share this directory either.
+    """
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
+    return str(base / f"gunicorn-prometheus-{metrics_port}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting's parsed value (one field per `Setting`, lower-case), plus the values derived from them.
+
+    Built once per process by `Settings.from_environ()`; frozen, so no later step can change what an
+    earlier one validated. A `Setting` declared without a field here yet is still parsed and validated,
+    and readable through `value(NAME)`.
+    """
+
+    module_name: str | None
+    variable_name: str
+    app_module: str | None
+    gunicorn_conf: str | None
+    pre_start_path: str | None
+    workers_per_core: float
+    max_workers: int | None
+    web_concurrency: int | None
+    worker_class: str
+    host: str
+    port: int
+    bind: str | None
+    log_level: str
+    timeout: int
+    graceful_timeout: int
+    keep_alive: int
+    access_log: str | None
+    error_log: str | None
+    gunicorn_cmd_args: str | None
+    gunicorn_control_socket: str
+    metrics_host: str
+    metrics_port: int
+    prometheus_multiproc_dir: str | None
+    metrics_instrument: bool
+    metrics_app_name: str
+    metrics_buckets: tuple[float, ...]
+    metrics_skip_paths: frozenset[str]
+    app_dir: str
+    default_gunicorn_conf: str
+    cgroup_root: str
+
+    # --- derived (computed once by from_environ) ---
+    #: what Gunicorn is told to bind from the environment: BIND, else HOST:PORT (upstream's rule)
+    effective_bind: str = ""
+    #: the variable a mistake in that bind is blamed on
+    bind_variable: str = "PORT"
+    #: `module:variable` to serve, None when no module was given nor found
+    app: str | None = None
+    #: the Gunicorn config file upstream's search order picks
+    conf_path: str = ""
+    #: the prestart script's path (it may not exist)
+    prestart_path: str = ""
+    #: PROMETHEUS_MULTIPROC_DIR, else this server's default
+    multiproc_dir: str = ""
+    #: every declared value by name, including settings that have no field above yet
+    values: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Parse and validate every declared setting; raise one ConfigError listing each mistake."""
+        values = load(environ)
+        declared = {f.name for f in fields(cls) if f.name.upper() in BY_NAME}
+        typed = {name: values[name.upper()] for name in declared}
+        app_dir = Path(values["APP_DIR"])
+        bind = values["BIND"] or f"{values['HOST']}:{values['PORT']}"
+        module = values["MODULE_NAME"] or detect_module(app_dir)
+        app = values["APP_MODULE"] or (f"{module}:{values['VARIABLE_NAME']}" if module else None)
+        return cls(
+            **typed,
+            effective_bind=bind,
+            bind_variable="BIND" if values["BIND"] else "PORT",
+            app=app,
+            conf_path=values["GUNICORN_CONF"] or find_gunicorn_conf(app_dir, values["DEFAULT_GUNICORN_CONF"]),
+            prestart_path=values["PRE_START_PATH"] or str(app_dir / "prestart.sh"),
+            multiproc_dir=values["PROMETHEUS_MULTIPROC_DIR"] or default_multiproc_dir(values["METRICS_PORT"]),
+            values=values,
+        )
+
+    def value(self, name: str) -> Any:
+        """The parsed value of the setting `name` (for settings without a typed field)."""
+        return self.values[name]
+
+    @property
+    def app_port(self) -> int | None:
+        """The TCP port of `effective_bind`, None for a Unix socket."""
+        return port_of(self.effective_bind)
+
+    @property
+    def app_host(self) -> str:
+        return host_of(self.effective_bind)
+
+
+def port_of(bind: str) -> int | None:
+    """The port of a Gunicorn bind address (`host:port`, `[v6]:port`), None for `unix:` or `fd://`."""
+    if bind.startswith(("unix:", "fd://")) or ":" not in bind:
+        return None
+    try:
+        return int(bind.rpartition(":")[2])
+    except ValueError:
+        return None
+
+
+def host_of(bind: str) -> str:
+    return bind.rpartition(":")[0].strip("[]")
+
+
+_cached: tuple[tuple[str | None, ...], Settings] | None = None
+
+
+def current() -> Settings:
+    """The Settings of this process's environment, built once (again only if a variable of ours changed).
+
+    The master builds them before Gunicorn reads its config file, and the bundled config file, the hooks
+    and the health check read the same object instead of parsing the environment again.
+    """
+    global _cached
+    key = tuple(os.environ.get(s.name) for s in SETTINGS)
+    if _cached is None or _cached[0] != key:
+        _cached = (key, Settings.from_environ(os.environ))
+    return _cached[1]

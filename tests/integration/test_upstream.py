@@ -6,15 +6,18 @@ loopback, parses the printed JSON config and counts worker processes from the OS
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
-from gunicorn_prometheus import cpu
+from gunicorn_prometheus import cpu, settings
 from tests.support.net import free_port
 from tests.support.paths import REPO
-from tests.support.server import write_app
+from tests.support.server import clean_environ, write_app
 from tests.support.waiting import wait_until
 
 CPUS = cpu.detect().count
@@ -32,6 +35,15 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def effective_config(server) -> dict:
+    """The master's line of what Gunicorn really uses (after the config file and GUNICORN_CMD_ARGS)."""
+    prefix = "gunicorn-prometheus: effective configuration "
+    for line in server.logs().splitlines():
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix) :])
+    raise AssertionError("no effective configuration line in the logs:\n" + server.logs())
 
 
 def check_common_logs(logs: str, worker_class: str = "uvicorn_worker.UvicornWorker") -> None:
@@ -64,7 +76,7 @@ def test_defaults(start_server, app_dir):
     assert (config["timeout"], config["keepalive"], config["loglevel"]) == (120, 5, "info")
     assert config["graceful_timeout"] == 8
     assert (config["errorlog"], config["accesslog"]) == ("-", "-")
-    assert (config["host"], config["port"], config["workers_per_core"]) == ("0.0.0.0", 80, 1.0)
+    assert (config["host"], config["port"], config["workers_per_core"]) == ("0.0.0.0", "80", 1.0)
     assert config["use_max_workers"] is None
     assert config["cpu_count"] == CPUS and config["cpu_source"]
     assert config["multiproc_dir"] == "/dev/shm/gunicorn-prometheus-9464"
@@ -137,11 +149,12 @@ def test_env_set_2(start_server, app_dir):
     assert server.get("/").json() == {"Hello": "World"}
     config = server.config()
     assert config["workers"] == 1
-    assert config["loglevel"] == "debug"  # GUNICORN_CMD_ARGS beats LOG_LEVEL
+    # upstream prints LOG_LEVEL's value; GUNICORN_CMD_ARGS changes Gunicorn's level, not the printed one
+    assert config["loglevel"] == "warning"
+    assert effective_config(server)["loglevel"] == "debug"
     assert config["host"] == "127.0.0.1"
-    # exactly one worker: two Gunicorn processes, as upstream counts them
-    gunicorn_processes = [server.master(), *server.workers()]
-    assert len(gunicorn_processes) == 2
+    # exactly one worker: two Gunicorn processes
+    assert len([server.master(), *server.workers()]) == 2
     logs = server.logs()
     assert "[DEBUG]" in logs
     check_common_logs(logs, "uvicorn.workers.UvicornH11Worker")
@@ -213,7 +226,9 @@ def test_gunicorn_conf_locations(start_server, app_dir, tmp_path, location):
     server = start_server(app_dir, WEB_CONCURRENCY="1", **extra)
     assert server.get("/").json() == {"Hello": "World"}
     assert f"custom gunicorn conf: {location}" in server.logs()
-    assert server.config()["timeout"] == 33
+    assert effective_config(server)["timeout"] == 33
+    assert effective_config(server)["config"] == str(target)
+    assert server.master().cmdline()[server.master().cmdline().index("-c") + 1] == str(target)
 
 
 def test_main_py_app(start_server, app_dir):
@@ -277,7 +292,7 @@ def test_reload_honours_log_level(start_server, app_dir):
     assert "INFO:" not in server.logs()
 
 
-BAD_VALUES = [
+BAD_VALUES_BOTH_SCRIPTS = [
     ("WORKERS_PER_CORE", "abc", "WORKERS_PER_CORE='abc' is invalid: expected a number > 0"),
     ("PORT", "70000", "PORT='70000' is invalid: expected an integer from 1 to 65535"),
     ("WEB_CONCURRENCY", "0", "WEB_CONCURRENCY='0' is invalid: expected an integer >= 1"),
@@ -289,9 +304,9 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize(
     ("script", "variable", "value", "expected"),
-    [("start.sh", *case) for case in BAD_VALUES]
+    [("start.sh", *case) for case in BAD_VALUES_BOTH_SCRIPTS]
     # start-reload.sh runs no Gunicorn, so GUNICORN_CONF does not apply to it
-    + [("start-reload.sh", *case) for case in BAD_VALUES if case[0] != "GUNICORN_CONF"],
+    + [("start-reload.sh", *case) for case in BAD_VALUES_BOTH_SCRIPTS if case[0] != "GUNICORN_CONF"],
 )
 def test_bad_configuration_is_one_line_and_nonzero(start_server, app_dir, variable, value, expected, script):
     write_app(app_dir)
@@ -319,3 +334,293 @@ def test_worker_count_follows_the_cgroup_quota(start_server, app_dir, tmp_path):
     assert (config["cpu_count"], config["cpu_source"]) == (1, "cgroup2 cpu.max (0.5 CPUs)")
     assert config["workers"] == 3
     wait_until(lambda: len(server.workers()) == 3, 30, "every worker")
+
+
+def test_harness_reads_the_config_through_the_master_command_line(start_server, app_dir):
+    """Upstream's harness: `-c <file>` of the first "gunicorn" process, then `python <file>` prints JSON."""
+    write_app(app_dir)
+    server = start_server(
+        app_dir, WEB_CONCURRENCY="1", LOG_LEVEL="warning", GUNICORN_CMD_ARGS="--log-level debug"
+    )
+    command = server.master().cmdline()
+    assert "gunicorn" in " ".join(command)
+    conf = command[command.index("-c") + 1]
+    assert conf == str(REPO / "gunicorn_conf.py")
+    printed = subprocess.run(
+        [sys.executable, conf], env=server.env, capture_output=True, text=True, timeout=60, check=True
+    )
+    config = json.loads(printed.stdout.strip().splitlines()[-1])
+    assert config == server.config()
+    assert (config["port"], config["host"], config["loglevel"]) == (str(server.port), "127.0.0.1", "warning")
+    assert isinstance(config["workers"], int) and isinstance(config["workers_per_core"], float)
+    assert config["use_max_workers"] is None
+    assert effective_config(server)["loglevel"] == "debug"
+
+
+UPSTREAM_STYLE_CONF = """
+    import json
+    import os
+
+    workers = 2
+    bind = os.environ["TEST_BIND"]
+    loglevel = "info"
+    keepalive = 7
+    print(json.dumps({"workers": workers, "bind": bind, "loglevel": loglevel}), flush=True)
+
+
+    def post_fork(server, worker):
+        print(f"user post_fork {worker.pid}", flush=True)
+"""
+
+APP_WITH_OWN_COUNTER = """
+    from fastapi import FastAPI
+    from prometheus_client import Counter
+
+    app = FastAPI()
+    HELLOS = Counter("hellos", "Hellos said.")
+
+
+    @app.get("/")
+    def read_root():
+        HELLOS.inc()
+        return {"Hello": "World"}
+"""
+
+
+@pytest.mark.parametrize("own_counter", [False, True])
+def test_upstream_style_user_conf_keeps_the_metrics(start_server, app_dir, own_counter):
+    """A user's gunicorn_conf.py that imports nothing of ours: its settings and hooks, and our metrics."""
+    write_app(app_dir, APP_WITH_OWN_COUNTER if own_counter else QUICK_START_APP)
+    (app_dir / "gunicorn_conf.py").write_text(textwrap.dedent(UPSTREAM_STYLE_CONF))
+    port = free_port()
+    server = start_server(app_dir, PORT=None, TEST_BIND=f"127.0.0.1:{port}", wait=None)
+    server.port = port
+    server.wait_ready()
+    server.wait_metrics_ready()
+    wait_until(lambda: server.logs().count("user post_fork") == 2, 30, "the user's post_fork in both workers")
+    effective = effective_config(server)
+    assert (effective["workers"], effective["keepalive"]) == (2, 7)
+    assert effective["config"] == str(app_dir / "gunicorn_conf.py")
+    for _ in range(3):
+        assert server.get("/").json() == {"Hello": "World"}
+    line = 'starlette_requests_total{app_name="starlette",method="GET",path="/",status_code="200"}'
+    wait_until(lambda: f"{line} 4.0" in server.metrics_get().text, 10, "every request counted")
+    if own_counter:
+        wait_until(lambda: "hellos_total 4.0" in server.metrics_get().text, 10, "the app's own counter")
+
+
+QUICK_START_APP = (REPO / "examples" / "app" / "main.py").read_text()
+
+ASGI2_APP = """
+    import json
+
+
+    class App:
+        # Upstream's sample app style: the constructor takes the scope, the instance is awaited.
+        def __init__(self, scope):
+            assert scope["type"] in ("http", "lifespan")
+            self.scope = scope
+
+        async def __call__(self, receive, send):
+            if self.scope["type"] == "lifespan":
+                {lifespan}
+                return
+            body = json.dumps({{"asgi": 2, "path": self.scope["path"]}}).encode()
+            await send({{"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]}})
+            await send({{"type": "http.response.body", "body": body}})
+
+
+    app = App
+"""
+
+LIFESPAN = {
+    "with_lifespan": """while True:
+                    message = await receive()
+                    if message["type"] == "lifespan.startup":
+                        print("asgi2 lifespan startup", flush=True)
+                        await send({"type": "lifespan.startup.complete"})
+                    elif message["type"] == "lifespan.shutdown":
+                        await send({"type": "lifespan.shutdown.complete"})
+                        break""",
+    "without_lifespan": 'raise RuntimeError("no lifespan here")',
+}
+
+
+@pytest.mark.parametrize("lifespan", sorted(LIFESPAN))
+def test_asgi2_app_is_served_and_counted(start_server, app_dir, lifespan):
+    write_app(app_dir, ASGI2_APP.format(lifespan=LIFESPAN[lifespan]))
+    server = start_server(app_dir, WEB_CONCURRENCY="1")
+    assert server.get("/items").json() == {"asgi": 2, "path": "/items"}
+    server.wait_metrics_ready()
+    # a raw ASGI app has no route templates: its paths are grouped as starlette_exporter does
+    line = 'starlette_requests_total{app_name="starlette",method="GET",path="__unknown__",status_code="200"}'
+    wait_until(lambda: f"{line} 2.0" in server.metrics_get().text, 10, "the readiness probe and the request")
+    assert ("asgi2 lifespan startup" in server.logs()) == (lifespan == "with_lifespan")
+    assert "Traceback" not in server.logs() or lifespan == "without_lifespan"
+
+
+ASGI3_WEBSOCKET_APP = """
+    async def app(scope, receive, send):
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            message = await receive()
+            await send({"type": "websocket.send", "text": "echo " + message["text"]})
+            await send({"type": "websocket.close"})
+            return
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+"""
+
+
+def test_asgi3_app_without_lifespan_and_websockets_pass_through_uncounted(start_server, app_dir):
+    from websockets.sync.client import connect
+
+    write_app(app_dir, ASGI3_WEBSOCKET_APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="1")
+    assert server.get("/").text == "ok"
+    with connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=10) as websocket:
+        websocket.send("hi")
+        assert websocket.recv(timeout=10) == "echo hi"
+    server.wait_metrics_ready()
+    line = 'starlette_requests_total{app_name="starlette",method="GET",path="__unknown__",status_code="200"}'
+    wait_until(lambda: f"{line} 2.0" in server.metrics_get().text, 10, "the HTTP requests counted")
+    requests = [
+        s for s in server.metrics_get().text.splitlines() if s.startswith("starlette_requests_total{")
+    ]
+    assert requests == [f"{line} 2.0"]  # the websocket session is counted nowhere
+
+
+def test_the_bind_checked_is_the_bind_used(start_server, app_dir):
+    """GUNICORN_CMD_ARGS' --bind wins: a taken PORT that will not be used does not stop the start."""
+    write_app(app_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind_port = free_port()
+        server = start_server(
+            app_dir,
+            WEB_CONCURRENCY="1",
+            PORT=str(taken.getsockname()[1]),
+            GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{bind_port}",
+            wait=None,
+        )
+        server.port = bind_port
+        server.wait_ready()
+    assert effective_config(server)["bind"] == [f"127.0.0.1:{bind_port}"]
+
+
+def test_a_taken_port_from_the_config_file_is_named_there(start_server, app_dir):
+    write_app(app_dir)
+    (app_dir / "gunicorn_conf.py").write_text(textwrap.dedent(UPSTREAM_STYLE_CONF))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server(app_dir, TEST_BIND=f"127.0.0.1:{port}", wait=None)
+        logs = server.failed_start_logs()
+    errors = [line for line in logs.splitlines() if "configuration error" in line]
+    assert errors == [
+        f"gunicorn-prometheus: configuration error: bind = '127.0.0.1:{port}' in "
+        f"{app_dir / 'gunicorn_conf.py'} is already in use on 127.0.0.1: choose a free port"
+    ]
+
+
+# Every setting with values it must refuse: (variable, value, text the one error line contains).
+# "{tmp}" stands for a directory of the test's own.
+INVALID = [
+    ("MODULE_NAME", "app/main.py", "expected a dotted Python module name"),
+    ("MODULE_NAME", "not_there", "no module 'not_there' can be imported"),
+    ("VARIABLE_NAME", "my-app", "expected a Python variable name"),
+    ("VARIABLE_NAME", "api", "defines no 'api'"),
+    ("APP_MODULE", "main:", "expected module:variable"),
+    ("APP_MODULE", "main:api", "defines no 'api'"),
+    ("GUNICORN_CONF", "/nonexistent/conf.py", "expected a readable Gunicorn configuration file"),
+    ("PRE_START_PATH", '"/app/prestart.sh"', "without surrounding quotes"),
+    ("WORKERS_PER_CORE", "abc", "expected a number > 0"),
+    ("WORKERS_PER_CORE", "-1", "expected a number > 0"),
+    ("MAX_WORKERS", "-1", "expected an integer >= 0"),
+    ("WEB_CONCURRENCY", "0", "expected an integer >= 1"),
+    ("WEB_CONCURRENCY", "two", "expected an integer >= 1"),
+    ("WORKER_CLASS", "sync", "SyncWorker serves WSGI apps only"),
+    ("WORKER_CLASS", "nowhere.Worker", "it cannot be imported"),
+    ("WORKER_CLASS", "not a class", "expected a Gunicorn worker class"),
+    ("HOST", " ", "expected a non-empty value"),
+    ("PORT", "70000", "expected an integer from 1 to 65535"),
+    ("PORT", "eighty", "expected an integer from 1 to 65535"),
+    ("BIND", "nowhere", "expected host:port"),
+    ("BIND", "0.0.0.0:99999", "expected host:port with a port from 1 to 65535"),
+    ("LOG_LEVEL", "verbose", "expected one of debug, info"),
+    ("TIMEOUT", "1.5", "expected an integer >= 0"),
+    ("GRACEFUL_TIMEOUT", "-1", "expected an integer >= 0"),
+    ("KEEP_ALIVE", "x", "expected an integer >= 0"),
+    ("ACCESS_LOG", "/nonexistent/access.log", "a file in an existing directory"),
+    ("ERROR_LOG", "/nonexistent/error.log", "a file in an existing directory"),
+    ("GUNICORN_CMD_ARGS", "--no-such-option", "unrecognized arguments: --no-such-option"),
+    ("GUNICORN_CONTROL_SOCKET", "gunicorn.ctl", "expected an absolute path"),
+    ("GUNICORN_CONTROL_SOCKET", "{tmp}/file/gunicorn.ctl", "is not a writable directory"),
+    ("METRICS_HOST", " ", "expected a non-empty value"),
+    ("METRICS_PORT", "0", "expected an integer from 1 to 65535"),
+    ("PROMETHEUS_MULTIPROC_DIR", "/proc/metrics", "not under /proc"),
+    ("PROMETHEUS_MULTIPROC_DIR", "metrics", "expected an absolute directory path"),
+    ("PROMETHEUS_MULTIPROC_DIR", "{tmp}/file", "not a directory"),
+    ("METRICS_INSTRUMENT", "maybe", "expected true or false"),
+    ("METRICS_APP_NAME", " ", "expected a non-empty value"),
+    ("METRICS_BUCKETS", "1,0.5", "expected increasing numbers"),
+    ("METRICS_FLUSH_INTERVAL", "-1", "expected a number >= 0"),
+    ("METRICS_SKIP_PATHS", "health", "expected URL paths starting with /"),
+    ("METRICS_SKIP_PATHS", "/static/(.*", "is not a valid regular expression"),
+    ("APP_DIR", "relative/app", "expected an absolute path"),
+    ("APP_DIR", "/nonexistent/app", "expected the directory of your app"),
+    ("DEFAULT_GUNICORN_CONF", "/nonexistent/gunicorn_conf.py", "readable Gunicorn configuration file"),
+    ("CGROUP_ROOT", "sys/fs/cgroup", "expected an absolute path"),
+]
+
+
+def test_every_setting_has_invalid_values_in_the_table():
+    covered = {name for name, _, _ in INVALID}
+    assert set(settings.BY_NAME) <= covered, sorted(set(settings.BY_NAME) - covered)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [case for case in INVALID if case[0] in settings.BY_NAME],
+    ids=lambda v: str(v)[:30],
+)
+def test_invalid_value_is_one_line_naming_it_and_a_nonzero_exit(tmp_path, variable, value, expected):
+    app_dir = tmp_path / "app"
+    write_app(app_dir)
+    (tmp_path / "file").write_text("")
+    value = value.replace("{tmp}", str(tmp_path))
+    env = clean_environ()
+    env.update(
+        {
+            "APP_DIR": str(app_dir),
+            "DEFAULT_GUNICORN_CONF": str(REPO / "gunicorn_conf.py"),
+            "HOST": "127.0.0.1",
+            "PORT": str(free_port()),
+            "METRICS_HOST": "127.0.0.1",
+            "METRICS_PORT": str(free_port()),
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "multiproc"),
+            variable: value,
+        }
+    )
+    result = subprocess.run(
+        [str(REPO / "image" / "start.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output and "Booting worker" not in output, output
+    errors = [line for line in output.splitlines() if "configuration error" in line]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(f"gunicorn-prometheus: configuration error: {variable}"), output
+    assert repr(value) in errors[0] or value in errors[0], output
+    assert expected in errors[0], output

@@ -1,5 +1,7 @@
 """Every setting parses its documented default, and every bad value is one line naming it."""
 
+import dataclasses
+
 import pytest
 
 from gunicorn_prometheus import settings
@@ -52,6 +54,14 @@ def test_empty_value_means_default_elsewhere():
         ("METRICS_BUCKETS", "1,0.5", "increasing numbers"),
         ("METRICS_SKIP_PATHS", "health", "starting with /"),
         ("METRICS_FLUSH_INTERVAL", "-1", "a number >= 0"),
+        ("METRICS_SKIP_PATHS", "/a,/b(", "'/b(' is not a valid regular expression"),
+        ("PROMETHEUS_MULTIPROC_DIR", "/proc/metrics", "not under /proc"),
+        ("PROMETHEUS_MULTIPROC_DIR", "metrics", "an absolute directory path"),
+        ("GUNICORN_CONTROL_SOCKET", "gunicorn.ctl", "an absolute path"),
+        ("GUNICORN_CMD_ARGS", "--no-such-option", "unrecognized arguments: --no-such-option"),
+        ("GUNICORN_CMD_ARGS", "--log-level 'debug", "Gunicorn command-line options"),
+        ("ACCESS_LOG", "/nonexistent/access.log", "a file in an existing directory"),
+        ("CGROUP_ROOT", "sys/fs/cgroup", "an absolute path"),
     ],
 )
 def test_bad_value_is_one_line_naming_variable_value_and_expectation(name, value, expected):
@@ -83,3 +93,30 @@ def test_buckets_and_skip_paths_parse():
     values = settings.load({"METRICS_BUCKETS": "0.1, 1,10", "METRICS_SKIP_PATHS": "/health, /ready"})
     assert values["METRICS_BUCKETS"] == (0.1, 1.0, 10.0)
     assert values["METRICS_SKIP_PATHS"] == frozenset({"/health", "/ready"})
+
+
+def test_settings_object_is_typed_frozen_and_complete():
+    values = settings.Settings.from_environ({"PORT": "8080", "METRICS_SKIP_PATHS": "/health"})
+    assert values.port == 8080 and values.metrics_skip_paths == frozenset({"/health"})
+    assert values.effective_bind == "0.0.0.0:8080"
+    with pytest.raises(AttributeError):
+        values.port = 1  # type: ignore[misc]
+    # every declared setting is parsed, and readable by name whether or not it has a typed field yet
+    assert set(values.values) == set(settings.BY_NAME)
+    for field in dataclasses.fields(settings.Settings):
+        if field.name.upper() in settings.BY_NAME:
+            assert getattr(values, field.name) == values.value(field.name.upper())
+
+
+def test_current_is_built_once_per_environment(monkeypatch):
+    monkeypatch.setenv("PORT", "8081")
+    first = settings.current()
+    assert settings.current() is first and first.port == 8081
+    monkeypatch.setenv("PORT", "8082")
+    assert settings.current().port == 8082
+
+
+def test_table_has_one_heading_per_section():
+    table = settings.markdown_table()
+    for section in {s.section for s in settings.SETTINGS}:
+        assert f"| **{settings.SECTION_TITLES[section]}** | | |" in table

@@ -1,0 +1,100 @@
+"""The master's state object: hooks chained with any config file's own, tested with fake Gunicorn objects."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from gunicorn.config import Config
+
+from gunicorn_prometheus import hooks, multiproc_dir
+from gunicorn_prometheus.settings import Settings
+
+
+@pytest.fixture
+def master(tmp_path):
+    settings = Settings.from_environ({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "mp")})
+    (tmp_path / "mp").mkdir()
+    multiproc_dir.state_dir(tmp_path / "mp").mkdir()
+    return hooks.Master(settings)
+
+
+def test_install_puts_every_hook_in_and_gunicorn_accepts_their_arity(master):
+    cfg = Config()
+    master.install(cfg)
+    for name in hooks.HOOK_NAMES:
+        hook = cfg.settings[name].get()
+        assert getattr(hook, "_gunicorn_prometheus", False), name
+
+
+def test_user_hooks_and_ours_both_run_and_a_failure_in_theirs_stays_theirs(master, monkeypatch):
+    calls = []
+    monkeypatch.setattr(master, "nworkers_changed", lambda s, new, old: calls.append(("ours", new)))
+
+    def theirs(server, new_value, old_value):
+        calls.append(("theirs", new_value))
+        raise RuntimeError("their bug")
+
+    cfg = Config()
+    cfg.set("nworkers_changed", theirs)
+    master.install(cfg)
+    master.install(cfg)  # installing twice (a reload) must not chain ours with ours
+    with pytest.raises(RuntimeError, match="their bug"):
+        cfg.nworkers_changed(object(), 3, 2)
+    assert calls == [("ours", 3), ("theirs", 3)]
+
+
+def test_ours_failing_still_runs_theirs():
+    calls = []
+
+    def ours(server):
+        calls.append("ours")
+        raise ValueError("ours")
+
+    both = hooks.chain(ours, lambda server: calls.append("theirs"))
+    with pytest.raises(ValueError):
+        both(object())
+    assert calls == ["ours", "theirs"]
+
+
+class ASGI2App:
+    def __init__(self, scope):
+        self.scope = scope
+
+    async def __call__(self, receive, send):
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def call(app, scope):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_worker_init_adapts_an_asgi2_app_and_instruments_it(master):
+    worker = SimpleNamespace(wsgi=ASGI2App, prometheus_slot=0, max_requests=0)
+    master.post_worker_init(worker)
+    assert worker.prometheus_middleware is worker.wsgi
+    scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": [], "app": None}
+    sent = call(worker.wsgi, scope)
+    assert sent[0]["status"] == 204
+    assert worker.prometheus_middleware.requests_handled == 1
+
+
+def test_worker_init_without_instrumentation_leaves_the_app_alone(tmp_path):
+    settings = Settings.from_environ(
+        {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "METRICS_INSTRUMENT": "false"}
+    )
+    multiproc_dir.state_dir(tmp_path).mkdir()
+    worker = SimpleNamespace(wsgi=ASGI2App, prometheus_slot=0)
+    hooks.Master(settings).post_worker_init(worker)
+    assert worker.wsgi is ASGI2App
