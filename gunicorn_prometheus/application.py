@@ -35,6 +35,7 @@ class Application(WSGIApplication):
         self.master = master
         self.conf_values: dict[str, Any] = {}
         self.conf_path: str | None = None
+        self.started = False
         super().__init__(usage, prog)
 
     def load_default_config(self) -> None:
@@ -56,11 +57,18 @@ class Application(WSGIApplication):
     def load_config(self) -> None:
         super().load_config()
         self.master.conf_path = self.conf_path
-        try:
-            self.check()
-        except ConfigError as err:
-            raise config_error_exit(err) from None
+        if not self.started:
+            # Before the first start only: on a reload (SIGHUP) the ports are ours already, and a
+            # mistake in the re-read file is Gunicorn's to report while the old workers keep serving.
+            try:
+                self.check()
+            except ConfigError as err:
+                raise config_error_exit(err) from None
         self.master.install(self.cfg)
+
+    def run(self) -> None:
+        self.started = True
+        super().run()
 
     def check(self) -> None:
         """What Gunicorn will really use, checked now (see `launch`), naming where each value came from."""

@@ -8,6 +8,7 @@ and fail every request. So the worker adapts it first, with Uvicorn's own `ASGI2
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any
 
@@ -30,3 +31,33 @@ def is_asgi3(app: Any) -> bool:
 def as_asgi3(app: Any) -> Any:
     """The app itself when it is ASGI3, else the app behind Uvicorn's ASGI2 adapter."""
     return app if is_asgi3(app) else ASGI2Middleware(app)
+
+
+class InFlight:
+    """Outermost wrapper of a worker's app: how many requests are running, and how many a stop cut.
+
+    Uvicorn cancels the requests still running when its graceful-shutdown timeout ends (set just below
+    GRACEFUL_TIMEOUT by the worker hook, so the worker exits normally instead of being SIGKILLed by the
+    master); a cancelled request ends here with CancelledError, which is counted in `cut` and not passed
+    on: the worker is stopping, the request is lost either way, and Uvicorn would log a traceback for
+    each (the worker logs one line with the count instead). Uvicorn cancels a request task only then.
+    Two integer updates per request: the only cost, outside the HTTP instrumentation so it covers
+    websockets too.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.running = 0
+        self.cut = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        self.running += 1
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            self.cut += 1
+        finally:
+            self.running -= 1

@@ -24,7 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import asgi, launch, lifecycle, metrics_process, multiproc_dir, server_state, shared_state, slots
+from prometheus_client import Counter
+
+from . import (
+    asgi,
+    launch,
+    lifecycle,
+    metrics_process,
+    multiproc_dir,
+    names,
+    server_state,
+    shared_state,
+    slots,
+)
 from .settings import ConfigError, Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -142,6 +154,7 @@ class Master:
         except ConfigError as err:
             raise config_error_exit(err) from None
         lifecycle.init()
+        _cut_on_stop()  # the series exists (at zero) from the start
         server_state.write_server(self.state, master_pid=os.getpid(), desired_workers=server.num_workers)
         cfg = server.cfg
         # One line with what Gunicorn will really use (after the config file and GUNICORN_CMD_ARGS),
@@ -224,6 +237,17 @@ class Master:
 
     def post_worker_init(self, worker: Any) -> None:
         lifecycle.exit_cleanly_on_stop_signals()
+        if _is_uvicorn_worker(worker):
+            _hand_uvicorn_plain_sockets(worker)
+            # uvicorn-worker runs Gunicorn's handle_exit on SIGQUIT, which only clears `alive` (read by
+            # nothing in an Uvicorn worker): a quick shutdown (SIGINT or SIGQUIT to the master, which
+            # sends SIGQUIT to the workers) waited the whole GRACEFUL_TIMEOUT and ended in "SIGKILL!
+            # Perhaps out of memory?". See uvicorn-worker's _install_sigquit_handler and gunicorn#2604.
+            worker.handle_exit = _quick_uvicorn_exit(worker)
+            # Uvicorn itself cuts the requests still running just before the master's GRACEFUL_TIMEOUT
+            # would SIGKILL the worker: it then exits normally (worker_exit and the last metrics flush
+            # run) and says how many it cut instead of dying as "Perhaps out of memory?".
+            worker.config.timeout_graceful_shutdown = max(self.settings.graceful_timeout - 1, 0)
         if self.settings.metrics_instrument:
             from .instrumentation import PrometheusMiddleware
 
@@ -240,6 +264,9 @@ class Master:
             )
             setattr(worker, attribute, middleware)
             worker.prometheus_middleware = middleware
+        in_flight = asgi.InFlight(getattr(worker, "asgi" if hasattr(worker, "asgi") else "wsgi"))
+        setattr(worker, "asgi" if hasattr(worker, "asgi") else "wsgi", in_flight)
+        worker.prometheus_in_flight = in_flight
         server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=True)
 
     def worker_exit(self, server: Any, worker: Any) -> None:
@@ -248,12 +275,77 @@ class Master:
             # when it tried to signal it: the slot must still be released.
             self._reaped(worker, "crash")
             return
+        in_flight = getattr(worker, "prometheus_in_flight", None)
+        if in_flight is not None and in_flight.cut:
+            when = (
+                "by a quick shutdown (SIGINT or SIGQUIT)"
+                if getattr(worker, "prometheus_quick_stop", False)
+                else f"when GRACEFUL_TIMEOUT ({self.settings.graceful_timeout} s) ended"
+            )
+            server.log.warning(
+                "%d request(s) still running were cut %s (worker %s)", in_flight.cut, when, os.getpid()
+            )
+            _cut_on_stop().inc(in_flight.cut)
         middleware = getattr(worker, "prometheus_middleware", None)
         if middleware is not None:
             middleware.flush()  # observations still batched in memory reach the files before the process ends
         handled = getattr(middleware, "requests_handled", 0)
         recycled = bool(worker.max_requests) and handled >= worker.max_requests
-        server_state.write_exit_reason(self.state, worker.prometheus_slot, "max_requests" if recycled else "clean")
+        server_state.write_exit_reason(
+            self.state, worker.prometheus_slot, "max_requests" if recycled else "clean"
+        )
+
+
+_cut_counter: Counter | None = None
+
+
+def _cut_on_stop() -> Counter:
+    """Requests still running when a stop's grace ended; created in the master, written by workers."""
+    global _cut_counter
+    if _cut_counter is None:
+        _cut_counter = Counter(
+            names.REQUESTS_CUT_ON_STOP,
+            "Requests still running when a worker's stop grace (GRACEFUL_TIMEOUT) ended, cut by the stop.",
+        )
+    return _cut_counter
+
+
+def _is_uvicorn_worker(worker: Any) -> bool:
+    return any(c.__module__.split(".")[0] in ("uvicorn", "uvicorn_worker") for c in type(worker).__mro__)
+
+
+QUICK_STOP_GRACE = 0.5  # seconds a quick shutdown (SIGINT/SIGQUIT) leaves running requests
+
+
+def _quick_uvicorn_exit(worker: Any) -> Callable[[int, Any], None]:
+    """Gunicorn's quick shutdown for an Uvicorn worker, through Uvicorn's own stop.
+
+    Uvicorn stops on its SIGINT handler: it closes idle connections, waits for running requests at most
+    `timeout_graceful_shutdown` (here QUICK_STOP_GRACE) and cancels the rest, runs the app's lifespan
+    shutdown, then re-raises the signal, which the worker turns into a normal exit
+    (`lifecycle.exit_cleanly_on_stop_signals`), so worker_exit and the final metrics flush run.
+    """
+
+    def quick_exit(signum: int, frame: Any) -> None:
+        worker.prometheus_quick_stop = True
+        worker.config.timeout_graceful_shutdown = QUICK_STOP_GRACE
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            sys.exit(0)
+        handler(signal.SIGINT, frame)
+
+    return quick_exit
+
+
+def _hand_uvicorn_plain_sockets(worker: Any) -> None:
+    """Give Uvicorn the listening sockets themselves, not Gunicorn's logging wrappers around them.
+
+    Uvicorn passes each socket to `loop.create_server(sock=...)`, which takes ownership (and uvloop closes
+    it), then closes it again on shutdown; Gunicorn's wrapper logged that second close as "Error while
+    closing socket [Errno 9] Bad file descriptor" on every worker stop. A plain socket object knows it
+    is closed and ignores the second close. https://github.com/benoitc/gunicorn/issues/3013
+    """
+    worker.sockets = [getattr(listener, "sock", None) or listener for listener in worker.sockets]
 
 
 def _same_function(a: Any, b: Any) -> bool:

@@ -1,0 +1,148 @@
+"""Stop signals sent to the master alone, as `docker stop` and `docker run` without -t deliver them.
+
+SIGTERM is graceful (running requests finish within GRACEFUL_TIMEOUT, those that would not are cut and
+counted); SIGINT and SIGQUIT are Gunicorn's quick shutdown (nothing waits for GRACEFUL_TIMEOUT); a
+SIGKILLed master takes its workers with it. Durations are bounded generously: each test tells a quick
+stop from one that waited for GRACEFUL_TIMEOUT (set far longer), never measures speed.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import httpx
+import psutil
+import pytest
+from conftest import wait_until, write_app
+
+SLOW_APP = """
+    import asyncio
+
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+
+    @app.get("/")
+    def read_root():
+        return {"Hello": "World"}
+
+
+    @app.get("/slow")
+    async def slow(seconds: float):
+        await asyncio.sleep(seconds)
+        return {"slept": seconds}
+"""
+
+
+def request_in_background(server, path: str) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["response"] = httpx.get(server.url + path, timeout=120)
+        except httpx.HTTPError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_running(server, count: int = 1) -> None:
+    """Until the app really has `count` requests running (the in-progress gauge says so)."""
+
+    def running() -> bool:
+        for line in server.metrics_get().text.splitlines():
+            if line.startswith("starlette_requests_in_progress{") and line.endswith(f" {count}.0"):
+                return True
+        return False
+
+    wait_until(running, 30, f"{count} request(s) running")
+
+
+def everything_gone(server) -> bool:
+    return server.proc.poll() is not None and not server.session_processes()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_quick_shutdown_does_not_wait_for_graceful_timeout(start_server, app_dir, sig):
+    write_app(app_dir, SLOW_APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="2", GRACEFUL_TIMEOUT="60", METRICS_FLUSH_INTERVAL="0")
+    server.wait_metrics_ready()
+    thread, outcome = request_in_background(server, "/slow?seconds=100")
+    wait_running(server)
+    server.proc.send_signal(sig)  # the master alone
+    wait_until(lambda: everything_gone(server), 15, "every process to end (a graceful stop waits 60 s)")
+    assert server.proc.returncode == 0
+    logs = server.logs()
+    assert "SIGKILL" not in logs and "Traceback" not in logs, logs
+    assert "Error while closing socket" not in logs, logs
+    thread.join(10)
+    assert "error" in outcome or outcome["response"].status_code == 500  # the quick stop cut it
+    cut_lines = [line for line in logs.splitlines() if "were cut" in line]
+    assert len(cut_lines) == 1 and "1 request(s) still running were cut by a quick shutdown" in cut_lines[0]
+
+
+def test_sigterm_lets_running_requests_finish(start_server, app_dir):
+    write_app(app_dir, SLOW_APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="1", GRACEFUL_TIMEOUT="30", METRICS_FLUSH_INTERVAL="0")
+    server.wait_metrics_ready()
+    thread, outcome = request_in_background(server, "/slow?seconds=2")
+    wait_running(server)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert outcome["response"].json() == {"slept": 2.0}
+    wait_until(lambda: everything_gone(server), 30, "every process to end")
+    logs = server.logs()
+    assert server.proc.returncode == 0
+    assert "SIGKILL" not in logs and "cut" not in logs and "Error while closing socket" not in logs, logs
+
+
+def test_sigterm_cuts_what_outlives_graceful_timeout_and_says_how_many(start_server, app_dir):
+    write_app(app_dir, SLOW_APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="1", GRACEFUL_TIMEOUT="3", METRICS_FLUSH_INTERVAL="0")
+    server.wait_metrics_ready()
+    started = [request_in_background(server, "/slow?seconds=100") for _ in range(2)]
+    wait_running(server, 2)
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: everything_gone(server), 30, "every process to end")
+    logs = server.logs()
+    assert server.proc.returncode == 0
+    assert "SIGKILL" not in logs, logs
+    cut_lines = [line for line in logs.splitlines() if "were cut" in line]
+    assert len(cut_lines) == 1, logs
+    assert "2 request(s) still running were cut when GRACEFUL_TIMEOUT (3 s) ended" in cut_lines[0]
+    for thread, outcome in started:
+        thread.join(10)
+        assert "error" in outcome or outcome["response"].status_code >= 500
+
+
+def test_workers_die_with_a_sigkilled_master_and_a_restart_gets_the_ports(start_server, app_dir):
+    write_app(app_dir, SLOW_APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="2")
+    wait_until(lambda: len(server.workers()) == 2, 30, "both workers")
+    workers = server.workers()
+    server.proc.kill()
+    server.proc.wait()
+    gone = lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)  # noqa: E731
+    wait_until(gone, 10, "the workers of the SIGKILLed master to end")
+    wait_until(lambda: not server.session_processes(), 10, "the metrics processes to end")
+    again = start_server(
+        app_dir, PORT=str(server.port), METRICS_PORT=str(server.metrics_port), WEB_CONCURRENCY="1"
+    )
+    assert again.get("/").json() == {"Hello": "World"}
+    again.wait_metrics_ready()
+
+
+def test_reload_keeps_serving(start_server, app_dir):
+    """SIGHUP re-reads the config and replaces the workers; the hooks stay installed (chained once)."""
+    write_app(app_dir, SLOW_APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="1")
+    server.wait_metrics_ready()
+    first = server.workers()[0].pid
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: [p.pid for p in server.workers()] not in ([], [first]), 30, "a new worker")
+    wait_until(lambda: server.metrics_get("/healthz").status_code == 200, 30, "the new worker serving")
+    assert server.get("/").json() == {"Hello": "World"}
