@@ -54,8 +54,9 @@ def upstream_config_line(settings: Settings, workers: int, limit: cpu.CpuLimit) 
         "buckets": settings.metrics_buckets,
         "skip_paths": sorted(settings.metrics_skip_paths),
     }
-    if "METRICS_FLUSH_INTERVAL" in settings.values:
-        line["flush_interval"] = settings.value("METRICS_FLUSH_INTERVAL")
+    for name, key in (("METRICS_FLUSH_INTERVAL", "flush_interval"), ("METRICS_SATURATION", "saturation")):
+        if name in settings.values:
+            line[key] = settings.value(name)
     return line
 
 

@@ -248,15 +248,18 @@ class Master:
             # would SIGKILL the worker: it then exits normally (worker_exit and the last metrics flush
             # run) and says how many it cut instead of dying as "Perhaps out of memory?".
             worker.config.timeout_graceful_shutdown = max(self.settings.graceful_timeout - 1, 0)
+        # The app, from the inside out: adapted to ASGI3 (Uvicorn would detect ASGI2 itself, but our
+        # wrappers are ASGI3), the HTTP metrics, the loop monitor, the in-flight count for stops.
+        attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
+        setattr(worker, attribute, asgi.as_asgi3(getattr(worker, attribute)))
         if self.settings.metrics_instrument:
             from .instrumentation import PrometheusMiddleware
 
-            attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
             options: dict[str, Any] = {}
             if "METRICS_FLUSH_INTERVAL" in self.settings.values:
                 options["flush_interval"] = self.settings.value("METRICS_FLUSH_INTERVAL")
             middleware = PrometheusMiddleware(
-                asgi.as_asgi3(getattr(worker, attribute)),
+                getattr(worker, attribute),
                 app_name=self.settings.metrics_app_name,
                 buckets=self.settings.metrics_buckets,
                 skip_paths=sorted(self.settings.metrics_skip_paths),
@@ -264,8 +267,12 @@ class Master:
             )
             setattr(worker, attribute, middleware)
             worker.prometheus_middleware = middleware
-        in_flight = asgi.InFlight(getattr(worker, "asgi" if hasattr(worker, "asgi") else "wsgi"))
-        setattr(worker, "asgi" if hasattr(worker, "asgi") else "wsgi", in_flight)
+        if self.settings.values.get("METRICS_SATURATION", True):
+            from . import loop_monitor
+
+            loop_monitor.install(worker, slots.slot_identity(worker.prometheus_slot))
+        in_flight = asgi.InFlight(getattr(worker, attribute))
+        setattr(worker, attribute, in_flight)
         worker.prometheus_in_flight = in_flight
         server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=True)
 

@@ -14,7 +14,9 @@ import threading
 import httpx
 import psutil
 import pytest
-from conftest import wait_until, write_app
+
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 SLOW_APP = """
     import asyncio

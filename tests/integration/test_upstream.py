@@ -570,6 +570,7 @@ INVALID = [
     ("METRICS_APP_NAME", " ", "expected a non-empty value"),
     ("METRICS_BUCKETS", "1,0.5", "expected increasing numbers"),
     ("METRICS_FLUSH_INTERVAL", "-1", "expected a number >= 0"),
+    ("METRICS_SATURATION", "sometimes", "expected true or false"),
     ("METRICS_SKIP_PATHS", "health", "expected URL paths starting with /"),
     ("METRICS_SKIP_PATHS", "/static/(.*", "is not a valid regular expression"),
     ("APP_DIR", "relative/app", "expected an absolute path"),

@@ -8,13 +8,15 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config
 
-from gunicorn_prometheus import hooks, multiproc_dir
+from gunicorn_prometheus import asgi, hooks, multiproc_dir
 from gunicorn_prometheus.settings import Settings
 
 
 @pytest.fixture
 def master(tmp_path):
-    settings = Settings.from_environ({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "mp")})
+    settings = Settings.from_environ(
+        {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "mp"), "METRICS_SATURATION": "false"}
+    )
     (tmp_path / "mp").mkdir()
     multiproc_dir.state_dir(tmp_path / "mp").mkdir()
     return hooks.Master(settings)
@@ -83,18 +85,38 @@ def call(app, scope):
 def test_worker_init_adapts_an_asgi2_app_and_instruments_it(master):
     worker = SimpleNamespace(wsgi=ASGI2App, prometheus_slot=0, max_requests=0)
     master.post_worker_init(worker)
-    assert worker.prometheus_middleware is worker.wsgi
+    assert worker.wsgi is worker.prometheus_in_flight
+    assert worker.prometheus_in_flight.app is worker.prometheus_middleware
     scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": [], "app": None}
     sent = call(worker.wsgi, scope)
     assert sent[0]["status"] == 204
     assert worker.prometheus_middleware.requests_handled == 1
+    assert (worker.prometheus_in_flight.running, worker.prometheus_in_flight.cut) == (0, 0)
 
 
-def test_worker_init_without_instrumentation_leaves_the_app_alone(tmp_path):
+def test_worker_init_without_instrumentation_still_adapts_asgi2(tmp_path):
     settings = Settings.from_environ(
-        {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "METRICS_INSTRUMENT": "false"}
+        {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "METRICS_INSTRUMENT": "false", "METRICS_SATURATION": "0"}
     )
     multiproc_dir.state_dir(tmp_path).mkdir()
     worker = SimpleNamespace(wsgi=ASGI2App, prometheus_slot=0)
     hooks.Master(settings).post_worker_init(worker)
-    assert worker.wsgi is ASGI2App
+    assert not hasattr(worker, "prometheus_middleware")
+    assert call(worker.wsgi, {"type": "http", "path": "/"})[0]["status"] == 204
+
+
+def test_a_cancelled_request_is_counted_as_cut():
+    async def endless(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    in_flight = asgi.InFlight(endless)
+
+    async def run():
+        task = asyncio.ensure_future(in_flight({"type": "http"}, None, None))
+        await asyncio.sleep(0)
+        assert in_flight.running == 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    assert (in_flight.running, in_flight.cut) == (0, 1)
