@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.containers import APPS, Container, Response
 from tests.support.metrics_text import total
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.image
 
@@ -162,3 +163,34 @@ def test_image_metadata(engine, image):
     labels = config.get("Labels") or data.get("Labels") or {}
     assert labels["org.opencontainers.image.title"] == "gunicorn-prometheus"
     assert labels["org.opencontainers.image.source"].startswith("https://")
+
+
+@pytest.mark.parametrize("own_counter", [True, False])
+def test_upstream_style_conf_non_root_read_only_keeps_exact_metrics(image, make_container, own_counter):
+    """A user conf that imports nothing of ours (binding 8080 itself), as uid 1000 on a read-only root."""
+    files = {APPS / "upstream_conf" / "gunicorn_conf.py": "/app/gunicorn_conf.py"}
+    if own_counter:
+        files[REPO / "examples" / "project" / "app" / "main.py"] = "/app/main.py"
+    c = make_container(image, files=files, ports=(8080, 9464), args=["--user", "1000", "--read-only"])
+    assert c.wait_http("/", 8080).json() == {"Hello": "World"}
+    assert c.py("import os; print(os.geteuid())").strip() == "1000"
+    with ThreadPoolExecutor(4) as pool:
+        assert all(r.status == 200 for r in pool.map(lambda _: c.get("/items/1", 8080), range(10)))
+    c.wait_until(lambda: request_count(c, "/items/") == 10, "exactly the 10 requests counted")
+    assert c.wait_http("/healthz", 9464).json()["workers_serving"] == 2
+    if own_counter:
+        c.wait_until(lambda: "items_read_total 10.0" in c.get("/metrics", 9464).text, "the app's own counter")
+    assert c.stop() < 10
+    assert c.exit_code() == 0
+
+
+def test_non_root_with_its_bind_in_gunicorn_cmd_args(image, make_container):
+    """The bind checked is the one used: PORT stays 80, GUNICORN_CMD_ARGS binds 8080, as uid 1000."""
+    c = make_container(
+        image,
+        env={"GUNICORN_CMD_ARGS": "--bind 0.0.0.0:8080", "WEB_CONCURRENCY": "1"},
+        ports=(8080, 9464),
+        args=["--user", "1000", "--sysctl", "net.ipv4.ip_unprivileged_port_start=1024"],
+    )
+    assert c.wait_http("/", 8080).json() == {"Hello": "World"}
+    c.wait_until(lambda: request_count(c, "/") >= 1, "the request counted")

@@ -48,7 +48,7 @@ def test_defaults(image, make_container):
     assert config["workers"] == max(cpus, 2)
     assert bind_of(config) == "0.0.0.0:80"
     assert config["host"] == "0.0.0.0"
-    assert config["port"] == 80
+    assert config["port"] == "80"  # a string, as upstream prints it
     assert config["loglevel"] == "info"
     assert config["timeout"] == 120
     assert config["graceful_timeout"] == 8  # ours: below Docker's 10 s stop grace (upstream: 120)
@@ -83,7 +83,7 @@ def test_env_set_1(image, make_container):
     assert config["workers"] == max(cpus * 2, 2)
     assert config["workers_per_core"] == 2
     assert bind_of(config) == "0.0.0.0:8000"
-    assert config["port"] == 8000
+    assert config["port"] == "8000"
     assert config["loglevel"] == "warning"
     assert (config["timeout"], config["graceful_timeout"], config["keepalive"]) == (20, 20, 20)
     # Gunicorn reads an empty log setting as "off".
@@ -113,7 +113,8 @@ def test_env_set_2_one_worker_local_host_cmd_args_and_h11(image, make_container)
     config = c.config_line()
     assert config["workers"] == 1
     assert bind_of(config) == "127.0.0.1:80"
-    assert config["loglevel"] == "debug"  # GUNICORN_CMD_ARGS beats LOG_LEVEL
+    # upstream prints LOG_LEVEL's value; GUNICORN_CMD_ARGS changes Gunicorn's level (the DEBUG lines below)
+    assert config["loglevel"] == "warning"
     assert gunicorn_processes(c) == 2
     logs = c.logs()
     assert "[DEBUG]" in logs
@@ -206,6 +207,8 @@ def test_explicit_gunicorn_conf_wins(image, make_container):
     logs = c.logs()
     assert "gunicorn_conf loaded: custom" in logs
     assert "gunicorn_conf loaded: app_root" not in logs
+    # that file is upstream-style (nothing of ours imported): the metrics are there all the same
+    assert c.wait_http("/healthz", 9464).json()["workers_serving"] == 1
 
 
 def test_start_reload_serves_the_edited_app(image, make_container):
