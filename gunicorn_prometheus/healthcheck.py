@@ -16,6 +16,7 @@ import fcntl
 import http.client
 import os
 import ssl
+
 from . import multiproc_dir
 from .settings import Settings
 
