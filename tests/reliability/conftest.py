@@ -73,7 +73,10 @@ def peaks() -> Callable[[Any], Peaks]:
 
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
     if call.when == "call":
-        item.reliability_outcome = "passed" if call.excinfo is None else "failed"  # type: ignore[attr-defined]
+        outcome = "passed" if call.excinfo is None else "failed"
+        if item.get_closest_marker("xfail") is not None:
+            outcome = "known gap (xfail)" if call.excinfo is not None else "failed (xfail passed)"
+        item.reliability_outcome = outcome  # type: ignore[attr-defined]
         item.reliability_seconds = round(call.duration, 1)  # type: ignore[attr-defined]
 
 

@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
         print(f"no figures in {results}: did any scenario run?", file=sys.stderr)
         return 1
     Path(argv[2]).write_text(render(lines))
-    failed = [x["test"] for x in lines if x["outcome"] != "passed"]
+    failed = [x["test"] for x in lines if x["outcome"].startswith(("failed", "error"))]
     print(f"{len(lines)} scenarios written to {argv[2]}", end="")
     print(f"; FAILED: {', '.join(failed)}" if failed else "")
     return 1 if failed else 0

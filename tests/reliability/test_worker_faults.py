@@ -22,7 +22,7 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
     """SIGKILL churn of workers under load.
 
     Two workers under four clients; one worker at a time is killed with SIGKILL as soon as its
-    replacement serves, ten times, each time with the master paused until a scrape has seen the dead
+    replacement serves, six times, each time with the master paused until a scrape has seen the dead
     worker unreaped. Every answered request is in the app's own counter (written before
     the answer), the HTTP request counter matches it within the flush bound (exactly once HTTP metrics
     are written through), and every kill is counted as a `crash` exit. A thread scrapes all along,
@@ -31,7 +31,7 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
     write_app(app_dir, TINY_APP)
     server = start_server(app_dir, METRICS_FLUSH_INTERVAL="0", **LEAN)
     server.wait_metrics_ready()
-    kills, clients = 10, 4
+    kills, clients = 6, 4
     rng = random.Random(8)
     with peaks(server) as peak, CounterWatch(server) as watch:
         run = load(server, clients=clients)

@@ -356,6 +356,7 @@ class CounterWatch(Poller):
     scrapes: int = 0
     drops: list[tuple[str, float, float]] = field(default_factory=list)
     _last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+    _turn: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -363,6 +364,12 @@ class CounterWatch(Poller):
         self.check()
 
     def check(self) -> None:
+        """One scrape, compared with the one before; callers in any thread take turns, so every scrape
+        is sent after the previous one was answered, as a Prometheus server's are."""
+        with self._turn:
+            self._check()
+
+    def _check(self) -> None:
         try:
             response = self.server.metrics_get()
         except httpx.HTTPError:
