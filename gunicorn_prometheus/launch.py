@@ -226,6 +226,10 @@ def check_control_socket(cfg: Any, environ: Mapping[str, str]) -> None:
 
 
 def check_conf_file(path: str, settings: Settings, environ: Mapping[str, str]) -> None:
+    """The config file exists and is readable (Gunicorn's `python:module` form is Gunicorn's to check)."""
+    if path.startswith("python:"):
+        return
+    path = path.removeprefix("file:")
     if not (Path(path).is_file() and os.access(path, os.R_OK)):
         variable = "GUNICORN_CONF"
         if not environ.get("GUNICORN_CONF") and path == settings.default_gunicorn_conf:

@@ -143,6 +143,7 @@ def test_reload_keeps_serving(start_server, app_dir):
     write_app(app_dir, SLOW_APP)
     server = start_server(app_dir, WEB_CONCURRENCY="1")
     server.wait_metrics_ready()
+    assert "gunicorn_requests_cut_on_stop_total 0.0" in server.metrics_get().text  # there from the start
     first = server.workers()[0].pid
     server.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: [p.pid for p in server.workers()] not in ([], [first]), 30, "a new worker")
