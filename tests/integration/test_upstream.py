@@ -364,7 +364,7 @@ def test_harness_reads_the_config_through_the_master_command_line(start_server, 
     printed = subprocess.run(
         [sys.executable, conf], env=server.env, capture_output=True, text=True, timeout=60, check=True
     )
-    config = json.loads(printed.stdout.strip().splitlines()[-1])
+    config = json.loads(printed.stdout + printed.stderr)  # all of it, as upstream's harness parses it
     assert config == server.config()
     assert (config["port"], config["host"], config["loglevel"]) == (str(server.port), "127.0.0.1", "warning")
     assert isinstance(config["workers"], int) and isinstance(config["workers_per_core"], float)
