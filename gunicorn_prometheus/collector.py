@@ -1,10 +1,15 @@
-"""A MultiProcessCollector that survives what real multiprocess directories contain.
+"""Everything the multiprocess directory holds, aggregated: the app's metrics and our HTTP cells.
 
-prometheus_client's ``MultiProcessCollector`` globs ``*.db`` and raises out of the whole scrape on any
-unreadable file: a 0-byte file left by a worker killed between creating and sizing it (client_python
-#1199), a foreign ``*.db`` in the directory (#878), or a non-live file deleted between glob and read. One
-bad file then hides every metric. This collector reads only files named the way prometheus_client names
-them and skips (and logs once) any file it cannot read completely, so a scrape always succeeds.
+App metrics (prometheus_client's files): ``MultiProcessCollector`` globs ``*.db`` and raises out of the
+whole scrape on any unreadable file: a 0-byte file left by a worker killed between creating and sizing it
+(client_python #1199), a foreign ``*.db`` in the directory (#878), or a non-live file deleted between glob
+and read. One bad file then hides every metric. This collector reads only files named the way
+prometheus_client names them, reads each one completely first and skips (and logs once) any it cannot,
+then hands the files that passed to prometheus_client's public ``MultiProcessCollector.merge``, so the
+cross-process rules (gauge modes, bucket accumulation) stay prometheus_client's own.
+
+HTTP metrics (:mod:`gunicorn_prometheus.cells`): summed over every slot's file, served with
+starlette_exporter's names, plus the requests that could not be stored by label, per process.
 """
 
 from __future__ import annotations
@@ -17,22 +22,39 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client.metrics import Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from . import cells, names
 
 log = logging.getLogger(__name__)
 
-_TYPED_PREFIXES = ("counter", "histogram", "summary") + tuple(
-    f"gauge_{mode}" for mode in sorted(Gauge._MULTIPROC_MODES)
-)
+# The multiprocess_mode values prometheus_client documents for Gauge (its README, "Multiprocess Mode"):
+# a gauge file is named gauge_<mode>_<identity>.db.
+GAUGE_MODES = (
+    "all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent",
+)  # fmt: skip
 # <prefix>_<identity>.db exactly as MmapedValue names files; identity is a pid or a slot name like "w3"
 # (no "_": prometheus_client's own parsing splits on it).
 METRIC_FILE_RE = re.compile(
-    r"(?P<prefix>" + "|".join(map(re.escape, _TYPED_PREFIXES)) + r")_(?P<identity>[A-Za-z0-9.-]+)\.db"
+    r"(?P<prefix>counter|histogram|summary|gauge_(?:" + "|".join(GAUGE_MODES) + r"))"
+    r"_(?P<identity>[A-Za-z0-9.-]+)\.db"
 )
+
+DURATION_HELP = "HTTP request duration, in seconds"  # starlette_exporter's help texts
+IN_PROGRESS_HELP = "Total HTTP requests currently in progress"
+WRITE_ERRORS_HELP = (
+    "HTTP requests a process could not count by label because the metrics directory was full or "
+    "unwritable (see the worker's log)."
+)
+# merge() reads the files again; one that changes between our check and its read (e.g. deleted by a clean
+# stop) makes it raise: check again, this many times, before serving the HTTP metrics alone.
+_MERGE_ATTEMPTS = 3
 
 # What reading or decoding a damaged file can raise (struct on short data, RuntimeError from mmap_dict's
 # own bounds check, JSON/UTF-8 errors, malformed key shapes).
@@ -45,10 +67,10 @@ _Entry = tuple[tuple[str, str, tuple[tuple[str, str], ...], str], float, float]
 
 
 class MultiProcessDirCollector(Collector):
-    """Collect the aggregated metrics of a prometheus_client multiprocess directory.
+    """Collect the aggregated metrics of a multiprocess directory: the app's and the HTTP cells.
 
-    Same output as ``MultiProcessCollector`` (it reuses its accumulation step), but ignores files whose
-    names are not metric files and skips files that are missing, empty or corrupt instead of failing.
+    For the app's metrics, the same output as ``MultiProcessCollector``, but files whose names are not
+    metric files are ignored and files that are missing, empty or corrupt are skipped instead of failing.
     """
 
     def __init__(self, registry: CollectorRegistry | None, path: str | os.PathLike[str] | None = None):
@@ -79,46 +101,50 @@ class MultiProcessDirCollector(Collector):
         return [os.path.join(self._path, n) for n in sorted(names) if METRIC_FILE_RE.fullmatch(n)]
 
     def collect(self) -> Iterable[Metric]:
-        return self.merge(self.metric_files())
+        yield from self.app_metrics()
+        yield from self.http_metrics()
 
-    def merge(self, files: Iterable[str], accumulate: bool = True) -> Iterable[Metric]:
-        """Merge the given metric files like ``MultiProcessCollector.merge``, skipping unreadable ones."""
-        metrics = self._read_metrics(files)
-        # Reused as is: the cross-process combination rules (gauge modes, histogram bucket accumulation)
-        # are prometheus_client's and must stay identical to its own collector's.
-        return MultiProcessCollector._accumulate_metrics(metrics, accumulate)
+    def app_metrics(self) -> list[Metric]:
+        """prometheus_client's files, merged by prometheus_client from those that read back completely."""
+        for _ in range(_MERGE_ATTEMPTS):
+            files = self.readable(self.metric_files())
+            try:
+                return list(MultiProcessCollector.merge(files, accumulate=True))
+            except (OSError, *_CORRUPT_ERRORS) as exc:
+                log.debug("a metrics file changed during the scrape, reading again: %r", exc)
+        return []
 
-    def _read_metrics(self, files: Iterable[str]) -> dict[str, Metric]:
-        # Hand-written counterpart of MultiProcessCollector._read_metrics: upstream parses each file
-        # lazily while adding samples, so a file that turns out bad half-way has already been partly
-        # merged and the exception escapes. Here each file is read and decoded completely first and
-        # only then merged, or skipped as a whole.
-        metrics: dict[str, Metric] = {}
+    def readable(self, files: Iterable[str]) -> list[str]:
+        """The metric files that exist and can be read and decoded completely, right now."""
         key_cache = self._key_cache
         if len(key_cache) > _KEY_CACHE_LIMIT:
             key_cache.clear()
-        for path in files:
-            match = METRIC_FILE_RE.fullmatch(os.path.basename(path))
-            if match is None:
+        return [path for path in files if self._read_file(path, key_cache) is not None]
+
+    def cell_files(self) -> list[tuple[str, str]]:
+        return cells.cell_files(self._path)
+
+    def http_metrics(self) -> list[Metric]:
+        snapshots = []
+        for path, identity in self.cell_files():
+            try:
+                snapshot = cells.read_file(path, identity)
+            except (OSError, ValueError) as exc:
+                snapshot, reason = None, repr(exc)
+            else:
+                reason = "short, torn or not ours"
+            if snapshot is None:
+                if not os.path.exists(path):
+                    continue  # removed since the listing (a clean stop): nothing to read
+                self.read_errors += 1
+                if path not in self._reported:
+                    self._reported.add(path)
+                    log.warning("skipping unreadable HTTP metrics file %s: %s", path, reason)
                 continue
-            entries = self._read_file(path, key_cache)
-            if entries is None:
-                continue
-            prefix, identity = match["prefix"], match["identity"]
-            typ, _, mode = prefix.partition("_")
-            for (metric_name, name, labels_key, help_text), value, timestamp in entries:
-                metric = metrics.get(metric_name)
-                if metric is None:
-                    metric = metrics[metric_name] = Metric(metric_name, help_text, typ)
-                # As prometheus_client's MultiProcessCollector does: labels travel as sorted tuples and the
-                # gauge mode as an attribute until _accumulate_metrics turns them into dicts and merges.
-                if typ == "gauge":
-                    metric._multiprocess_mode = mode  # type: ignore[attr-defined]
-                    metric.add_sample(name, labels_key + (("pid", identity),), value, timestamp)  # type: ignore[arg-type]
-                else:
-                    # Duplicates across files and the label tuples are resolved by _accumulate_metrics.
-                    metric.add_sample(name, labels_key, value)  # type: ignore[arg-type]
-        return metrics
+            snapshots.append(snapshot)
+        if not snapshots:
+            return []
+        return http_families(cells.merge(snapshots))
 
     def _read_file(self, path: str, key_cache: dict[str, Any]) -> list[_Entry] | None:
         """Fully read and decode one file; None if it vanished or cannot be read completely."""
@@ -160,3 +186,36 @@ def _parse_key(key: str, cache: dict[str, Any]) -> Any:
             raise ValueError("malformed metric labels")
         val = cache[key] = (metric_name, name, tuple(sorted(labels.items())), help_text)
     return val
+
+
+def http_families(merged: cells.MergedCells) -> list[Metric]:
+    """The HTTP metrics of the cells of every process, in starlette_exporter's names and labels.
+
+    A bucket's exemplar is the most recent traced request that landed in it (``trace_id``, and
+    ``span_id`` when known); only the OpenMetrics exposition shows exemplars.
+    """
+    duration = HistogramMetricFamily(names.REQUEST_DURATION, DURATION_HELP, labels=names.REQUEST_LABELS)
+    les = [floatToGoString(b) for b in (*(merged.bounds or ()), float("inf"))]
+    for labels, row in sorted(merged.histograms.items()):
+        exemplars = merged.exemplars.get(labels) or [None] * len(les)
+        buckets: list = []
+        cumulative = 0.0
+        for le, count, exemplar in zip(les, row[1:], exemplars, strict=True):
+            cumulative += count
+            if exemplar is None:
+                buckets.append((le, cumulative))
+            else:
+                ids = {"trace_id": exemplar.trace_id}
+                if exemplar.span_id:
+                    ids["span_id"] = exemplar.span_id
+                buckets.append((le, cumulative, Exemplar(ids, exemplar.value, exemplar.timestamp)))
+        duration.add_metric(list(labels), buckets, row[0])
+    in_progress = GaugeMetricFamily(
+        names.REQUESTS_IN_PROGRESS, IN_PROGRESS_HELP, labels=names.IN_PROGRESS_LABELS
+    )
+    for labels, value in sorted(merged.in_progress.items()):
+        in_progress.add_metric(list(labels), value)
+    errors = CounterMetricFamily(names.METRICS_WRITE_ERRORS, WRITE_ERRORS_HELP, labels=["process"])
+    for identity, value in sorted(merged.write_errors.items()):
+        errors.add_metric([identity], value)
+    return [duration, in_progress, errors]

@@ -7,44 +7,44 @@ The worker hook wraps the already-imported app once per worker process::
 Names, label names and help texts are starlette_exporter's, so dashboards built for it keep working:
 
 - ``starlette_request_duration_seconds`` histogram (method, path, status_code, app_name)
-- ``starlette_requests_in_progress`` gauge (method, app_name), multiprocess mode ``livesum``
+- ``starlette_requests_in_progress`` gauge (method, app_name), summed over live workers
 - ``starlette_requests_total`` counter (method, path, status_code, app_name) is *not* written here: it is
   exactly the histogram's ``_count`` per label set, so the metrics process derives it at scrape time
   (:mod:`gunicorn_prometheus.derived`).
 
-Why the request path writes no metric file at all
---------------------------------------------------
-Measured with callgrind on the Quick Start app under uvloop (bench/throughput measures the same with wrk),
-one request costs ~776k instructions. Through prometheus_client's public API, ``Histogram.observe`` in
-multiprocess mode costs ~18k of them (two ``MmapedValue.inc``: lock, pid check, key lookup, mmap pack,
-plus the Python-level bucket loop), and the in-progress gauge's inc and dec are two more such writes:
-with the rest of the middleware, a first version cost ~39k (5.1 %, the whole budget). So the request
-path only adds to plain Python numbers
-(the sum, one bucket counter found by ``bisect``, an in-flight count), and ``flush()`` hands the
-differences to the normal metric objects (``MmapedValue.inc``/``Gauge.set``) at most every
-``flush_interval`` seconds, from a timer on the event loop: one write per changed value per interval,
-however many requests. Consequences, all bounded by ``flush_interval`` (0.1 s by default, far below any
-scrape interval): a scrape may miss the last fraction of a second of requests, and a worker killed with
-SIGKILL loses that much; a normal exit flushes (``atexit``, and the worker_exit hook may call ``flush``).
-``flush_interval=0`` writes through on every request instead.
-This version costs ~18-21k instructions per request (2.3-2.7 %), ~1.6 µs on this machine, of which ~0.6 µs is
-the bare minimum of any middleware that reads the status (wrapping ``send``, two clock reads).
+Written through, exactly, at about the cost of nothing
+------------------------------------------------------
+Each request adds its duration and one bucket count straight into this worker's shared-memory cells
+(:mod:`gunicorn_prometheus.cells`): the label set is resolved to its cells once (cached per route and
+status), after which a request costs two float64 read-add-stores into a ``MAP_SHARED`` page, plus one
+each way for the in-progress gauge. No file call, no lock, nothing batched: a scrape sees a request the
+moment it is recorded, and a SIGKILL a microsecond later loses nothing. The request is recorded when the
+app hands over its *final* body message, before the server sends it, so every response a client
+received is already counted. (The batched version this replaces lost up to 0.1 s of requests on SIGKILL;
+prometheus_client's ``Histogram.observe`` costs ~10 µs per request in multiprocess mode.)
+
+Without ``PROMETHEUS_MULTIPROC_DIR`` (or ``directory=None``), the cells live in anonymous memory and the
+middleware registers a collector for them in ``registry``, for apps served by one process.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
+import os
 import re
+import sys
 import threading
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from . import cells, names
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,14 +53,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_BUCKETS: tuple[float, ...] = tuple(Histogram.DEFAULT_BUCKETS)
-DEFAULT_FLUSH_INTERVAL = 0.1
 
-REQUEST_DURATION = "starlette_request_duration_seconds"
-REQUESTS_IN_PROGRESS = "starlette_requests_in_progress"
+REQUEST_DURATION = names.REQUEST_DURATION
+REQUESTS_IN_PROGRESS = names.REQUESTS_IN_PROGRESS
 #: Not written by the middleware; derived at scrape time from the histogram's ``_count``.
-REQUESTS_TOTAL = "starlette_requests_total"
-REQUEST_LABELS = ("method", "path", "status_code", "app_name")
-IN_PROGRESS_LABELS = ("method", "app_name")
+REQUESTS_TOTAL = names.REQUESTS + "_total"
+REQUEST_LABELS = names.REQUEST_LABELS
+IN_PROGRESS_LABELS = names.IN_PROGRESS_LABELS
 
 #: starlette_exporter's ``group_unhandled_paths`` placeholder: one series for every unrouted URL, so
 #: scanners hitting random paths cannot create unbounded series.
@@ -76,146 +75,93 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "O
 _CACHE_MAX = 4096
 _REGEX_CHARS = re.compile(r"[\\^$|?*+()\[\]{}]")
 
+#: The clock of request durations; a module global so tests can substitute a fake one.
+_clock = time.perf_counter
 
-class _Series:
-    """One label set of the histogram: its pending observations and what was written so far.
-
-    ``values`` is ``[sum, count in bucket 0, count in bucket 1, ...]`` with non-cumulative buckets, as
-    prometheus_client stores them; the request path only adds to it.
-    """
-
-    __slots__ = ("child", "values", "written")
-
-    def __init__(self, child: Histogram, n_buckets: int) -> None:
-        self.child = child
-        self.values: list[float] = [0.0] * (n_buckets + 1)
-        self.written: list[float] = [0.0] * (n_buckets + 1)
-
-    def flush(self) -> None:
-        values = self.values.copy()  # a snapshot: what is added meanwhile waits for the next flush
-        written = self.written
-        if values == written:
-            return
-        # Histogram children expose no public "add n observations": write to the very value objects
-        # observe() uses (prometheus_client <0.27 is pinned; tests/unit/test_instrumentation.py checks it).
-        child: Any = self.child
-        delta = values[0] - written[0]
-        if delta:
-            child._sum.inc(delta)
-        buckets = child._buckets
-        for index in range(1, len(values)):
-            delta = values[index] - written[index]
-            if delta:
-                buckets[index - 1].inc(delta)
-        self.written = values
-
-    def add(self, duration: float, upper_bounds: Sequence[float]) -> None:
-        self.values[0] += duration
-        self.values[bisect_left(upper_bounds, duration) + 1] += 1
+_TRACEPARENT = b"traceparent"
 
 
-class _Metrics:
-    """The metric objects of one registry and their pending values, shared by its middlewares.
+class _Default:
+    """Type of DEFAULT: "use PROMETHEUS_MULTIPROC_DIR" (None already means "no directory")."""
 
-    Created once per process on first use (never at import, which would be in the gunicorn master);
-    only ever touched from the event loop's thread, except by ``flush`` at interpreter exit.
-    """
 
-    def __init__(self, registry: CollectorRegistry | None, buckets: tuple[float, ...]) -> None:
+DEFAULT = _Default()
+
+
+class _Store:
+    """The cells of one process (and directory, or registry without one), shared by its middlewares."""
+
+    def __init__(self, writer: cells.CellsWriter, buckets: tuple[float, ...]) -> None:
+        self.writer = writer
         self.buckets = buckets
-        self.duration = Histogram(
-            REQUEST_DURATION,
-            "HTTP request duration, in seconds",
-            REQUEST_LABELS,
-            buckets=buckets,
-            registry=registry,
-        )
-        self.upper_bounds: list[float] = list(self.duration._upper_bounds)  # buckets + [+Inf]
-        self.gauge = Gauge(
-            REQUESTS_IN_PROGRESS,
-            "Total HTTP requests currently in progress",
-            IN_PROGRESS_LABELS,
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.series: dict[tuple[str, str, int, str], _Series] = {}
-        self.in_progress: dict[tuple[str, str], int] = {}
-        self._gauge_written: dict[tuple[str, str], int] = {}
-        self._gauge_children: dict[tuple[str, str], Gauge] = {}
-        self.flush_interval = DEFAULT_FLUSH_INTERVAL
-        #: perf_counter time after which a request must (re)arm the flush timer: 0 when none is armed,
-        #: and a timer that never fired (its loop was closed) is re-armed two intervals later.
-        self.rearm_after = 0.0
-        self._lock = threading.Lock()
-
-    def series_for(self, method: str, path: str, status: int, app_name: str) -> _Series:
-        key = (method, path, status, app_name)
-        series = self.series.get(key)
-        if series is None:
-            child = self.duration.labels(method, path, str(status), app_name)
-            series = self.series[key] = _Series(child, len(self.upper_bounds))
-        return series
-
-    def arm(self, now: float) -> None:
-        """Make sure a flush happens within ``flush_interval``: a timer on the running loop."""
-        if self.flush_interval <= 0:
-            self.flush()
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no asyncio loop (e.g. trio): write through
-            self.flush()
-            return
-        self.rearm_after = now + 2 * self.flush_interval
-        loop.call_later(self.flush_interval, self.flush)
-
-    def flush(self) -> None:
-        """Write every pending change to the metric objects (and so to this process's files)."""
-        with self._lock:
-            self.rearm_after = 0.0
-            for series in list(self.series.values()):
-                series.flush()
-            written = self._gauge_written
-            for key, count in list(self.in_progress.items()):
-                if written.get(key) != count:
-                    child = self._gauge_children.get(key)
-                    if child is None:
-                        child = self._gauge_children[key] = self.gauge.labels(*key)
-                    child.set(count)
-                    written[key] = count
+        #: bucket upper bounds plus +Inf, for bisect: index i is the row's cell base + 1 + i
+        self.upper_bounds: list[float] = [*writer.bounds, float("inf")]
 
 
-_metrics_lock = threading.Lock()
-_metrics_by_registry: weakref.WeakKeyDictionary[Any, _Metrics] = weakref.WeakKeyDictionary()
+class _CellsCollector(Collector):
+    """Serves one process's own cells from its registry (single-process use, no directory)."""
+
+    def __init__(self, store: _Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        from .collector import http_families
+
+        # The histogram and the in-progress gauge (write errors cannot happen in anonymous memory).
+        yield from http_families(cells.merge([self.store.writer.snapshot()]))[:2]
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self.collect())
+
+
+_stores_lock = threading.Lock()
+_stores_by_directory: dict[tuple[str, str, int], _Store] = {}
+_stores_by_registry: weakref.WeakKeyDictionary[Any, _Store] = weakref.WeakKeyDictionary()
 _NO_REGISTRY = CollectorRegistry(auto_describe=False)  # cache key standing for registry=None
 
 
-def _metrics_for(registry: CollectorRegistry | None, buckets: tuple[float, ...]) -> _Metrics:
-    """Return the process-wide metrics of ``registry``, creating them at most once.
+def _forget_stores_after_fork() -> None:
+    # A forked child must not write its parent's file (one writer per file): it opens its own on first use.
+    _stores_by_directory.clear()
 
-    Several middlewares in one process (tests, or an app wrapped twice) must share the metric objects:
-    prometheus_client refuses to register the same name twice.
+
+os.register_at_fork(after_in_child=_forget_stores_after_fork)
+
+
+def _current_identity() -> str:
+    from .slots import current_identity
+
+    return current_identity()
+
+
+def _store_for(
+    registry: CollectorRegistry | None, buckets: tuple[float, ...], directory: str | None
+) -> _Store:
+    """Return this process's cells for ``directory`` (or for ``registry`` without one), created once.
+
+    Several middlewares in one process (tests, or an app wrapped twice) share them: one file has one
+    writer, and one registry cannot hold the same metric twice.
     """
-    key = registry if registry is not None else _NO_REGISTRY
-    with _metrics_lock:
-        metrics = _metrics_by_registry.get(key)
-        if metrics is None:
-            metrics = _metrics_by_registry[key] = _Metrics(registry, buckets)
-        elif metrics.buckets != buckets:
+    with _stores_lock:
+        if directory:
+            key = (os.path.abspath(directory), _current_identity(), os.getpid())
+            store = _stores_by_directory.get(key)
+            if store is None:
+                writer = cells.CellsWriter(buckets, directory, key[1])
+                store = _stores_by_directory[key] = _Store(writer, buckets)
+        else:
+            registry_key = registry if registry is not None else _NO_REGISTRY
+            store = _stores_by_registry.get(registry_key)
+            if store is None:
+                store = _stores_by_registry[registry_key] = _Store(cells.CellsWriter(buckets), buckets)
+                if registry is not None:
+                    registry.register(_CellsCollector(store))
+        if store.buckets != buckets:
             raise ValueError(
-                f"{REQUEST_DURATION} already exists in this registry with buckets {metrics.buckets}; "
+                f"{REQUEST_DURATION} already exists here with buckets {store.buckets}; "
                 f"cannot also use {buckets}"
             )
-        return metrics
-
-
-@atexit.register
-def flush_all() -> None:
-    """Write what every middleware of this process still holds (a worker's normal exit runs this)."""
-    with _metrics_lock:
-        everything = list(_metrics_by_registry.values())
-    for metrics in everything:
-        metrics.flush()
+        return store
 
 
 def _compile_skip(skip_paths: Iterable[str]) -> tuple[frozenset[str], re.Pattern[str] | None]:
@@ -289,6 +235,11 @@ class PrometheusMiddleware:
     ``requests_handled`` counts the HTTP requests this process has received (skipped paths included, as
     Uvicorn's ``limit_max_requests`` does); the worker_exit hook compares it with ``max_requests`` to tell
     a recycle from another exit.
+
+    ``directory`` is where the cells file goes (default: ``PROMETHEUS_MULTIPROC_DIR``; ``None`` when it is
+    unset: anonymous memory, served from ``registry``). ``exemplars``: keep the trace id of requests that
+    carry a W3C ``traceparent`` header (or run in a current OpenTelemetry span) as the exemplar of the
+    bucket they land in.
     """
 
     def __init__(
@@ -299,25 +250,31 @@ class PrometheusMiddleware:
         buckets: Sequence[float] = DEFAULT_BUCKETS,
         skip_paths: Iterable[str] = (),
         registry: CollectorRegistry | None = prometheus_client.REGISTRY,
-        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        directory: str | None | _Default = DEFAULT,
+        exemplars: bool = True,
     ) -> None:
         self.app = app
         self.app_name = app_name
         self.requests_handled = 0
-        self._metrics = _metrics_for(registry, tuple(float(b) for b in buckets))
-        self._metrics.flush_interval = flush_interval
+        if isinstance(directory, _Default):
+            directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self._store = _store_for(registry, tuple(float(b) for b in buckets), directory)
         self._skip_exact, self._skip_regex = _compile_skip(skip_paths)
         self._has_skips = bool(self._skip_exact) or self._skip_regex is not None
         # (method, status, id(route or endpoint), id(FastAPI route context), root_path after routing)
-        #   -> (route, context, series)
-        self._series: dict[tuple[str, int, int, int, str], tuple[Any, Any, _Series]] = {}
+        #   -> (route, context, row)
+        self._rows: dict[tuple[str, int, int, int, str], tuple[Any, Any, cells.HistogramRow]] = {}
         self._templates: dict[tuple[str, int, int, str], tuple[Any, Any, str]] = {}
-        # method -> the in-progress key, doubling as the check that the method is a known one
-        self._progress_keys = {m: (m, app_name) for m in (*KNOWN_METHODS, OTHER_METHOD)}
+        # method -> (method label, its in-progress cell); only known methods and OTHER_METHOD are keys
+        self._gauges: dict[str, tuple[str, cells.GaugeCell]] = {}
+        self._exemplars = exemplars
+        # An app that uses OpenTelemetry has imported it by the time the worker wraps it.
+        self._otel = sys.modules.get("opentelemetry.trace") if exemplars else None
 
-    def flush(self) -> None:
-        """Write pending values now (worker_exit; tests before reading the registry)."""
-        self._metrics.flush()
+    @property
+    def cells_path(self) -> str | None:
+        """The file this process's HTTP metrics go to (None: anonymous memory)."""
+        return self._store.writer.path
 
     def _skipped(self, scope: Scope, root_path: str) -> bool:
         path: str = scope["path"]
@@ -326,6 +283,16 @@ class PrometheusMiddleware:
         if path in self._skip_exact:
             return True
         return self._skip_regex is not None and self._skip_regex.fullmatch(path) is not None
+
+    def _gauge(self, method: str) -> tuple[str, cells.GaugeCell]:
+        """The method label and in-progress cell of a method not seen yet (any unknown one: _OTHER)."""
+        if method not in KNOWN_METHODS:
+            method = OTHER_METHOD
+            known = self._gauges.get(method)
+            if known is not None:
+                return known
+        entry = self._gauges[method] = (method, self._store.writer.in_progress((method, self.app_name)))
+        return entry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -337,14 +304,12 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
 
-        method: str = scope["method"]
-        progress_key = self._progress_keys.get(method)
-        if progress_key is None:
-            method = OTHER_METHOD
-            progress_key = self._progress_keys[method]
-        metrics = self._metrics
-        in_progress = metrics.in_progress
-        in_progress[progress_key] = in_progress.get(progress_key, 0) + 1  # a series once a method is seen
+        entry = self._gauges.get(scope["method"])
+        if entry is None:
+            entry = self._gauge(scope["method"])
+        method, gauge = entry
+        gauge_cells, gauge_index = gauge.cells, gauge.index
+        gauge_cells[gauge_index] += 1
         status = 0
         end = 0.0
 
@@ -353,68 +318,86 @@ class PrometheusMiddleware:
             nonlocal status, end
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif not message.get("more_body", False):
-                # The response is complete; background tasks that run after it are not part of the
-                # request's duration (starlette_exporter measures the same way).
-                end = time.perf_counter()
+            elif not end and not message.get("more_body", False):
+                # The final body message: record the request now, before the server sends it, so a
+                # client never holds a response the metrics do not count yet. Background tasks that
+                # run after it are not part of the duration (starlette_exporter measures the same way).
+                end = _clock()
+                route = scope.get("route")
+                if route is None:
+                    route = scope.get("endpoint")
+                fastapi_scope = scope.get("fastapi")
+                context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
+                cached = self._rows.get((method, status, id(route), id(context), scope.get("root_path", "")))
+                if cached is not None and cached[0] is route and cached[1] is context:
+                    row = cached[2]
+                else:
+                    row = self._row_for(scope, root_path, method, status)
+                duration = end - start
+                row_cells = row.cells
+                base = row.base
+                row_cells[base] += duration
+                bucket = bisect_left(upper_bounds, duration)
+                row_cells[base + 1 + bucket] += 1
+                if exemplars and scope["headers"]:
+                    self._exemplar(scope["headers"], row, bucket, duration)
             return send(message)
 
-        start = time.perf_counter()
-        if start >= metrics.rearm_after:
-            metrics.arm(start)
+        upper_bounds = self._store.upper_bounds
+        exemplars = self._exemplars
+        start = _clock()
         try:
             await self.app(scope, receive, send_status)
         except Exception:
-            in_progress[progress_key] -= 1
-            self._series_for(scope, root_path, method, 500).add(
-                (end or time.perf_counter()) - start, metrics.upper_bounds
-            )
-            if start >= metrics.rearm_after:
-                metrics.arm(start)
+            if not end:  # no complete response: starlette_exporter counts a 500, so do we
+                end = _clock()
+                self._record(scope, root_path, method, 500, end - start)
             raise
-        except BaseException:  # cancelled: not a response, but no longer in progress either
-            in_progress[progress_key] -= 1
-            raise
-        in_progress[progress_key] -= 1
-        if not status:
-            status = await _status_without_response(receive)
-        if not end:
-            end = time.perf_counter()
+        finally:
+            gauge_cells[gauge_index] -= 1  # cancelled requests too: no longer in progress
+        if not end:  # the app returned without completing a response
+            if not status:
+                status = await _status_without_response(receive)
+            self._record(scope, root_path, method, status, _clock() - start)
 
-        # The series of this route and status: one dict lookup, keyed by what routing left in the scope.
-        route = scope.get("route")
-        if route is None:
-            route = scope.get("endpoint")
-        fastapi_scope = scope.get("fastapi")
-        context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
-        cached = self._series.get((method, status, id(route), id(context), scope.get("root_path", "")))
-        if cached is not None and cached[0] is route and cached[1] is context:
-            values = cached[2].values
+    def _record(self, scope: Scope, root_path: str, method: str, status: int, duration: float) -> None:
+        """The request path's recording, for the rare requests that end without a final body message."""
+        row = self._row_for(scope, root_path, method, status)
+        bucket = bisect_left(self._store.upper_bounds, duration)
+        row.cells[row.base] += duration
+        row.cells[row.base + 1 + bucket] += 1
+        if self._exemplars and scope.get("headers"):
+            self._exemplar(scope["headers"], row, bucket, duration)
+
+    def _exemplar(self, headers: Iterable[tuple[bytes, bytes]], row: cells.HistogramRow, bucket: int,
+                  duration: float) -> None:  # fmt: skip
+        """Keep the request's trace as the bucket's exemplar, if it has one."""
+        for name, value in headers:
+            if name == _TRACEPARENT:
+                trace = _parse_traceparent(value)
+                break
         else:
-            values = self._series_for(scope, root_path, method, status).values
-        duration = end - start
-        values[0] += duration
-        values[bisect_left(metrics.upper_bounds, duration) + 1] += 1
-        if end >= metrics.rearm_after:
-            metrics.arm(end)
+            trace = _current_otel_trace(self._otel) if self._otel is not None else None
+        if trace is not None:
+            cells.write_exemplar(row, bucket, duration, time.time(), *trace)
 
-    def _series_for(self, scope: Scope, root_path: str, method: str, status: int) -> _Series:
-        """The series of a request, through the route caches (the request path inlines the hit)."""
+    def _row_for(self, scope: Scope, root_path: str, method: str, status: int) -> cells.HistogramRow:
+        """The cells of a request's label set, through the route caches (the request path inlines the hit)."""
         route = scope.get("route")
         if route is None:
             route = scope.get("endpoint")
         fastapi_scope = scope.get("fastapi")
         context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
         key = (method, status, id(route), id(context), scope.get("root_path", ""))
-        cached = self._series.get(key)
+        cached = self._rows.get(key)
         if cached is not None and cached[0] is route and cached[1] is context:
             return cached[2]
         path = self._template(scope, method, root_path, route, context)
-        series = self._metrics.series_for(method, path, status, self.app_name)
-        if len(self._series) >= _CACHE_MAX:
-            self._series.clear()
-        self._series[key] = (route, context, series)
-        return series
+        row = self._store.writer.histogram((method, path, str(status), self.app_name))
+        if len(self._rows) >= _CACHE_MAX:
+            self._rows.clear()
+        self._rows[key] = (route, context, row)
+        return row
 
     def _template(self, scope: Scope, method: str, root_path: str, route: Any, context: Any) -> str:
         """The full route template of a routed request, found by matching once per route.
@@ -449,6 +432,35 @@ def _resolve(scope: Scope, root_path: str) -> str:
     original = {key: value for key, value in scope.items() if key not in dropped}
     original["root_path"] = root_path
     return _match_template(original, router.routes) or UNKNOWN_PATH
+
+
+_TRACEPARENT_RE = re.compile(rb"[0-9a-f]{2}-([0-9a-f]{16})([0-9a-f]{16})-([0-9a-f]{16})-[0-9a-f]{2}")
+
+
+def _parse_traceparent(value: bytes) -> tuple[int, int, int] | None:
+    """(trace id high, trace id low, span id) of a W3C ``traceparent`` value; None if it is not valid.
+
+    https://www.w3.org/TR/trace-context/#traceparent-header: version ``ff`` and all-zero ids are invalid;
+    a future version may append fields after the flags.
+    """
+    match = _TRACEPARENT_RE.match(value)
+    if match is None or value.startswith(b"ff") or (len(value) > 55 and value[55:56] != b"-"):
+        return None
+    high, low, span = int(match[1], 16), int(match[2], 16), int(match[3], 16)
+    if not (high or low) or not span:
+        return None
+    return high, low, span
+
+
+def _current_otel_trace(otel_trace: Any) -> tuple[int, int, int] | None:
+    """The current OpenTelemetry span's ids, if one is recording (opentelemetry-api's public API)."""
+    try:
+        context = otel_trace.get_current_span().get_span_context()
+        if not context.is_valid:
+            return None
+        return context.trace_id >> 64, context.trace_id & 0xFFFFFFFFFFFFFFFF, context.span_id
+    except Exception:
+        return None
 
 
 async def _status_without_response(receive: Receive) -> int:

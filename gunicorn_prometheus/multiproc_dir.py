@@ -25,7 +25,7 @@ def prepare(directory: str | os.PathLike[str]) -> int:
     """Create or empty `directory`, lock it for this process; return the lock's file descriptor.
 
     Raises ConfigError (one line) when the path is not a writable directory owned by this user, or when
-    another live server uses it. Only our own files (metric `*.db` files and our state) are removed.
+    another live server uses it. Only our own files (metric `*.db`, `*.cells`, our state) are removed.
     """
     path = Path(directory)
     variable = "PROMETHEUS_MULTIPROC_DIR"
@@ -55,7 +55,7 @@ def prepare(directory: str | os.PathLike[str]) -> int:
             f"{variable}={str(path)!r} is in use by another running server; "
             "give each server its own directory"
         ) from None
-    for stale in path.glob("*.db"):
+    for stale in (*path.glob("*.db"), *path.glob("*.cells")):  # prometheus_client's files, our HTTP cells
         stale.unlink(missing_ok=True)
     shutil.rmtree(path / STATE_DIR, ignore_errors=True)
     (path / STATE_DIR).mkdir(mode=0o700)
@@ -105,7 +105,7 @@ def release(directory: str | os.PathLike[str], lock_fd: int) -> None:
     """
     path = Path(directory)
     shared_state.forget(path)
-    for ours in path.glob("*.db"):
+    for ours in (*path.glob("*.db"), *path.glob("*.cells")):
         ours.unlink(missing_ok=True)
     shutil.rmtree(path / STATE_DIR, ignore_errors=True)
     (path / LOCK_NAME).unlink(missing_ok=True)

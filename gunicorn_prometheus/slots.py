@@ -21,7 +21,7 @@ from collections.abc import Hashable
 
 from prometheus_client import multiprocess, values
 
-from . import metric_files
+from . import cells, metric_files
 from .shared_state import slot_name
 
 MASTER_IDENTITY = "master"
@@ -151,9 +151,8 @@ def _app_metrics_registered() -> bool:
     """Best-effort: did someone register metrics (other than the default collectors) in REGISTRY yet?"""
     from prometheus_client import REGISTRY
 
-    names = getattr(REGISTRY, "_names_to_collectors", {})
-    default = ("process_", "python_gc_", "python_info")
-    return any(not name.startswith(default) for name in names)
+    default = ("process", "python_gc", "python_info")
+    return any(not family.name.startswith(default) for family in REGISTRY.collect())
 
 
 def clear_slot_live_gauges(directory: str | os.PathLike[str], slot: int) -> None:
@@ -164,3 +163,4 @@ def clear_slot_live_gauges(directory: str | os.PathLike[str], slot: int) -> None
     summary and non-live gauge files are kept on purpose: the successor continues them.
     """
     multiprocess.mark_process_dead(slot_identity(slot), os.fspath(directory))
+    cells.reset_in_progress(os.fspath(directory), slot_identity(slot))  # the HTTP in-progress gauge too

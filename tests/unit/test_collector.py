@@ -198,9 +198,25 @@ def test_file_vanishing_between_listing_and_reading(tmp_path: Path) -> None:
     files = collector.metric_files()
     (tmp_path / "counter_1.db").unlink()
     (tmp_path / "gauge_livesum_w0.db").unlink()
-    metrics = {m.name: m for m in collector.merge(files)}
+    collector.metric_files = lambda: files  # type: ignore[method-assign]  # listed before they went
+    metrics = {m.name: m for m in collector.app_metrics()}
     reqs = metrics["reqs"].samples
     assert [(s.name, s.value) for s in reqs] == [("reqs_total", 4.0)]
+
+
+def test_file_vanishing_between_check_and_merge_is_read_again(tmp_path: Path) -> None:
+    populate(tmp_path)
+    collector = MultiProcessDirCollector(None, str(tmp_path))
+    check = collector.readable
+
+    def check_then_vanish(files):
+        passed = check(files)
+        (tmp_path / "counter_1.db").unlink(missing_ok=True)  # gone before prometheus_client's merge reads it
+        return passed
+
+    collector.readable = check_then_vanish  # type: ignore[method-assign]
+    metrics = {m.name: m for m in collector.app_metrics()}
+    assert [(s.name, s.value) for s in metrics["reqs"].samples] == [("reqs_total", 4.0)]
 
 
 def test_directory_vanishing_gives_empty_scrape(tmp_path: Path) -> None:

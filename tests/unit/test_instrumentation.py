@@ -1,4 +1,4 @@
-"""PrometheusMiddleware: starlette_exporter's names and labels, bounded label values, deferred writes."""
+"""PrometheusMiddleware: starlette_exporter's names and labels, bounded label values, written through."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from gunicorn_prometheus import instrumentation
+from gunicorn_prometheus.collector import MultiProcessDirCollector
 from gunicorn_prometheus.instrumentation import (
     OTHER_METHOD,
     UNKNOWN_PATH,
@@ -21,6 +22,28 @@ from tests.support.apps import Boom, make_app
 from tests.support.child import run_python
 
 DURATION = "starlette_request_duration_seconds"
+
+
+class FakeClock:
+    """Stands in for the middleware's perf_counter: time moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+FAKE_CLOCK = FakeClock()
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    monkeypatch.setattr(instrumentation, "_clock", FAKE_CLOCK)
+    return FAKE_CLOCK
 
 
 def run(coro: Any) -> Any:
@@ -78,7 +101,6 @@ def test_path_label_is_the_route_template_including_mounts_and_routers(middlewar
         )
     )
     assert statuses == [200] * 8
-    middleware.flush()
     assert counts(registry) == {
         ("GET", "/items/{item_id}", "200"): 2,
         ("GET", "/v1/api/users/{user_id}", "200"): 1,
@@ -95,7 +117,6 @@ def test_unrouted_requests_share_one_series(middleware, registry):
     paths = [f"/scan/{i}/wp-login.php" for i in range(200)] + ["/sub/nope", "/items/"]
     statuses = run(get_all(middleware, *paths))
     assert set(statuses) == {404}
-    middleware.flush()
     assert counts(registry) == {("GET", UNKNOWN_PATH, "404"): len(paths)}
 
 
@@ -103,20 +124,17 @@ def test_wrong_method_is_unknown_like_starlette_exporter_and_does_not_poison_the
     assert run(get_all(middleware, "/items/5", method="POST")) == [405]
     assert run(get_all(middleware, "/items/5")) == [200]
     assert run(get_all(middleware, "/items/5", method="POST")) == [405]
-    middleware.flush()
     assert counts(registry) == {("POST", UNKNOWN_PATH, "405"): 2, ("GET", "/items/{item_id}", "200"): 1}
 
 
 def test_unusual_methods_are_grouped(middleware, registry):
     assert run(get_all(middleware, "/items/5", method="FROBNICATE")) == [405]
-    middleware.flush()
     assert counts(registry) == {(OTHER_METHOD, UNKNOWN_PATH, "405"): 1}
 
 
 def test_exception_counts_as_500_and_propagates(middleware, registry):
     with pytest.raises(Boom):
         run(get_all(middleware, "/boom"))
-    middleware.flush()
     assert counts(registry) == {("GET", "/boom", "500"): 1}
     assert samples(registry, "starlette_requests_in_progress") == {
         (("app_name", "demo"), ("method", "GET")): 0.0
@@ -129,7 +147,6 @@ def test_skip_paths_exact_and_regex(registry):
     )
     statuses = run(get_all(app, "/healthz", "/static/a.css", "/nowhere.txt", "/nowhereXtxt", "/items/1"))
     assert statuses == [200, 200, 404, 404, 200]
-    app.flush()
     # "." is literal in a path without other regex characters: /nowhereXtxt is counted.
     assert counts(registry) == {("GET", UNKNOWN_PATH, "404"): 1, ("GET", "/items/{item_id}", "200"): 1}
     assert app.requests_handled == 5  # skipped requests are still requests the worker handled
@@ -146,7 +163,6 @@ def test_non_http_scopes_pass_straight_through(registry):
     run(middleware({"type": "websocket", "path": "/ws"}, None, None))
     assert seen == ["lifespan", "websocket"]
     assert middleware.requests_handled == 0
-    middleware.flush()
     assert counts(registry) == {}
 
 
@@ -187,60 +203,51 @@ def test_in_progress_gauge_counts_requests_in_flight(registry):
     async def scenario() -> tuple[float, float]:
         request = asyncio.create_task(get_all(middleware, "/x"))
         await started.wait()
-        middleware.flush()
         during = samples(registry, gauge)[key]
         release.set()
         await request
-        middleware.flush()
         return during, samples(registry, gauge)[key]
 
     assert run(scenario()) == (1.0, 0.0)
 
 
-def test_pending_values_are_written_by_the_timer_without_explicit_flush(registry):
-    middleware = PrometheusMiddleware(make_app(), registry=registry, flush_interval=0.05)
+def test_histogram_matches_plain_observe(registry, fake_clock):
+    """Cells give exactly what prometheus_client's Histogram.observe gives for the same durations."""
+    durations = [0.001, 0.004, 0.005, 0.02, 0.02, 0.3, 2.0, 10.0, 50.0]
+    seen: list[int] = []
 
-    async def scenario() -> tuple[dict, dict]:
-        await get_all(middleware, "/items/1", "/items/2")
-        await asyncio.sleep(0.2)
-        return counts(registry), samples(registry, "starlette_requests_in_progress")
+    async def timed(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        fake_clock.advance(durations[len(seen)])
+        seen.append(1)
+        await send({"type": "http.response.body", "body": b""})
 
-    written, gauge = run(scenario())
-    assert written == {("GET", "/items/{item_id}", "200"): 2}
-    assert list(gauge.values()) == [0.0]
-
-
-def test_write_through_when_flush_interval_is_zero(registry):
-    middleware = PrometheusMiddleware(make_app(), registry=registry, flush_interval=0)
-    run(get_all(middleware, "/items/1"))
-    assert counts(registry) == {("GET", "/items/{item_id}", "200"): 1}
-
-
-def test_histogram_matches_plain_observe(registry):
-    """The deferred writes produce what Histogram.observe would (this also pins the private attributes)."""
-    durations = [0.001, 0.004, 0.02, 0.02, 0.3, 2.0, 50.0]
-    middleware = PrometheusMiddleware(make_app(), registry=registry)
-    metrics = middleware._metrics
-    series = metrics.series_for("GET", "/x", 200, "starlette")
-    for d in durations:
-        series.add(d, metrics.upper_bounds)
-    metrics.flush()
-    series.add(0.5, metrics.upper_bounds)  # a second flush adds only the difference
-    metrics.flush()
+    middleware = PrometheusMiddleware(timed, registry=registry)
+    run(get_all(middleware, *["/x"] * len(durations)))
 
     reference = CollectorRegistry()
     histogram = Histogram(DURATION, "d", ["method", "path", "status_code", "app_name"], registry=reference)
-    for d in [*durations, 0.5]:
-        histogram.labels("GET", "/x", "200", "starlette").observe(d)
+    for d in durations:
+        histogram.labels("GET", UNKNOWN_PATH, "200", "starlette").observe(d)
     for suffix in ("_bucket", "_count", "_sum"):
         assert samples(registry, DURATION + suffix) == pytest.approx(samples(reference, DURATION + suffix))
 
 
-def test_duration_excludes_background_tasks(middleware, registry):
+def test_duration_excludes_background_tasks(registry, fake_clock):
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def later(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("sent", background=BackgroundTask(fake_clock.advance, 100.0))
+
+    middleware = PrometheusMiddleware(Starlette(routes=[Route("/later", later)]), registry=registry)
+    before = fake_clock.now
     run(get_all(middleware, "/later"))
-    middleware.flush()
+    assert fake_clock.now == before + 100  # the background task "took" 100 s...
     (total,) = samples(registry, DURATION + "_sum").values()
-    assert total < 0.25
+    assert total == 0.0  # ...after the request was recorded
 
 
 def test_app_returning_without_response_counts_500(registry):
@@ -249,7 +256,6 @@ def test_app_returning_without_response_counts_500(registry):
 
     middleware = PrometheusMiddleware(silent, registry=registry)
     run(middleware({"type": "http", "method": "GET", "path": "/", "root_path": ""}, _no_message, None))
-    middleware.flush()
     assert counts(registry) == {("GET", UNKNOWN_PATH, "500"): 1}
 
 
@@ -268,7 +274,6 @@ def test_several_middlewares_share_one_registry(registry):
     second = PrometheusMiddleware(make_app(), registry=registry, app_name="b")
     run(get_all(first, "/items/1"))
     run(get_all(second, "/items/1", "/items/2"))
-    first.flush()
     by_app = {dict(k)["app_name"]: v for k, v in samples(registry, DURATION + "_count").items()}
     assert by_app == {"a": 1, "b": 2}
     with pytest.raises(ValueError, match="buckets"):
@@ -278,7 +283,6 @@ def test_several_middlewares_share_one_registry(registry):
 def test_buckets_are_configurable(registry):
     middleware = PrometheusMiddleware(make_app(), registry=registry, buckets=[0.5, 1])
     run(get_all(middleware, "/items/1"))
-    middleware.flush()
     les = {dict(k)["le"] for k in samples(registry, DURATION + "_bucket")}
     assert les == {"0.5", "1.0", "+Inf"}
 
@@ -311,7 +315,6 @@ def test_default_buckets_are_starlette_exporters(registry):
     assert len(theirs) > 2
     middleware = PrometheusMiddleware(make_app(), registry=registry)
     run(get_all(middleware, "/items/1"))
-    middleware.flush()
     assert {dict(k)["le"] for k in samples(registry, DURATION + "_bucket")} == theirs
 
 
@@ -350,29 +353,28 @@ async def main():
             await client.get(path)
 
 asyncio.run(main())
-# no flush: the atexit handler must write what is pending
+# nothing to flush: each request is in the file once its response is handed over
 """
 
 
 def _aggregate(directory: Path) -> dict[str, Any]:
     code = """
         import json, sys
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
+        from gunicorn_prometheus.collector import MultiProcessDirCollector
         from gunicorn_prometheus.derived import derive_request_totals
-        families = derive_request_totals(MultiProcessCollector(None, sys.argv[1]).collect())
+        families = derive_request_totals(MultiProcessDirCollector(None, sys.argv[1]).collect())
         print(json.dumps([[s.name, s.labels, s.value] for f in families for s in f.samples]))
         """
-    return json.loads(run_python(code, str(directory), multiproc_dir=directory))
+    return json.loads(run_python(code, str(directory)))
 
 
-def test_multiprocess_mode_writes_files_at_exit_and_totals_derive(tmp_path: Path):
+def test_multiprocess_mode_writes_cells_files_and_totals_derive(tmp_path: Path):
     directory = tmp_path / "mp"
     directory.mkdir()
     for _ in range(2):  # two "workers", one after the other
         run_python(MULTIPROCESS_CHILD, multiproc_dir=directory)
-    written = sorted(p.name.split("_")[0] for p in directory.glob("*.db"))
-    assert written == ["gauge", "gauge", "histogram", "histogram"]
+    written = sorted(p.name.split("_")[0] for p in directory.iterdir())
+    assert written == ["http", "http"]  # one cells file per process (pid identities here), no *.db
     flat = _aggregate(directory)
     totals = {(s[1]["path"], s[1]["status_code"]): s[2] for s in flat if s[0] == "starlette_requests_total"}
     assert totals == {
@@ -384,26 +386,82 @@ def test_multiprocess_mode_writes_files_at_exit_and_totals_derive(tmp_path: Path
     assert gauges == {"GET": 0.0}
 
 
-def test_request_path_updates_no_metric_value(registry, monkeypatch):
-    """No value update (in multiprocess mode: no lock + mmap write) per request, only per flush."""
-    # One bucket above any request's duration, so that all of them land in it however busy the machine is
-    # (with the default buckets, 50 requests straddled the 5 ms bound on a loaded CI machine).
-    middleware = PrometheusMiddleware(make_app(), registry=registry, flush_interval=60, buckets=[60.0])
-    run(get_all(middleware, "/items/1"))  # creates the label set and arms the (distant) flush timer
-    middleware.flush()
-    value_class = type(middleware._metrics.series_for("GET", "/items/{item_id}", 200, "starlette").child._sum)
-    updates = [0]
-    for name in ("inc", "set"):
-        original = getattr(value_class, name)
+def _http_count(reader: Any) -> float:
+    return sum(
+        s.value for family in reader.http_metrics() for s in family.samples if s.name == DURATION + "_count"
+    )
 
-        def counting(self, *args, _original=original, **kwargs):
-            updates[0] += 1
-            return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(value_class, name, counting)
-    run(get_all(middleware, *["/items/2"] * 50))
-    assert updates[0] == 0
-    middleware.flush()
-    # 50 requests, one flush: the _sum and the one bucket they fell in; in progress was 0 and is 0 again
-    assert updates[0] == 2
-    assert counts(registry) == {("GET", "/items/{item_id}", "200"): 51}
+def test_request_is_counted_before_its_final_body_reaches_the_server(tmp_path: Path):
+    """What a client has received is already in the shared cells: checked inside the server's send."""
+    middleware = PrometheusMiddleware(make_app(), registry=None, directory=str(tmp_path))
+    reader = MultiProcessDirCollector(None, tmp_path)
+    counted_at_send: list[float] = []
+
+    async def server_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            counted_at_send.append(_http_count(reader))
+
+    scope = {"type": "http", "method": "GET", "path": "/items/3", "root_path": "", "headers": [],
+             "query_string": b""}  # fmt: skip
+    for _ in range(3):
+        run(middleware(dict(scope), _no_message, server_send))
+    assert counted_at_send == [1, 2, 3]
+
+
+def test_a_resolved_label_set_allocates_nothing_more(tmp_path: Path):
+    middleware = PrometheusMiddleware(make_app(), registry=None, directory=str(tmp_path))
+    writer = middleware._store.writer
+    run(get_all(middleware, "/items/1"))
+    used = writer.used
+    run(get_all(middleware, *["/items/2"] * 20))
+    assert writer.used == used
+    assert _http_count(MultiProcessDirCollector(None, tmp_path)) == 21
+
+
+def test_traceparent_becomes_the_exemplar_of_its_bucket(registry, fake_clock):
+    async def timed(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        fake_clock.advance(0.2)
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = PrometheusMiddleware(timed, registry=registry)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    async def requests() -> None:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await client.get("/x", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+            await client.get("/x")  # no trace: the exemplar stays
+            await client.get("/x", headers={"traceparent": f"ff-{trace}-00f067aa0ba902b7-01"})  # invalid
+
+    run(requests())
+    exemplars = {
+        s.labels["le"]: s.exemplar
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == DURATION + "_bucket" and s.exemplar is not None
+    }
+    assert list(exemplars) == ["0.25"]
+    assert exemplars["0.25"].labels == {"trace_id": trace, "span_id": "00f067aa0ba902b7"}
+    assert exemplars["0.25"].value == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # all-zero span id
+        b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+        b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",  # short
+        b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
+        b"garbage",
+    ],
+)
+def test_invalid_traceparent_is_ignored(value: bytes):
+    assert instrumentation._parse_traceparent(value) is None
+
+
+def test_valid_traceparent_parses():
+    parsed = instrumentation._parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert parsed == (0x4BF92F3577B34DA6, 0xA3CE929D0E0E4736, 0x00F067AA0BA902B7)
