@@ -54,9 +54,8 @@ def upstream_config_line(settings: Settings, workers: int, limit: cpu.CpuLimit) 
         "buckets": settings.metrics_buckets,
         "skip_paths": sorted(settings.metrics_skip_paths),
     }
-    for name, key in (("METRICS_FLUSH_INTERVAL", "flush_interval"), ("METRICS_SATURATION", "saturation")):
-        if name in settings.values:
-            line[key] = settings.value(name)
+    if "METRICS_SATURATION" in settings.values:
+        line["saturation"] = settings.value("METRICS_SATURATION")
     return line
 
 

@@ -41,6 +41,11 @@ from .settings import ConfigError, Settings
 
 _PR_SET_PDEATHSIG = 1
 
+DEPRECATED_FLUSH_INTERVAL = (
+    "gunicorn-prometheus: METRICS_FLUSH_INTERVAL is deprecated and ignored: HTTP metrics are now written "
+    "on every request at no measurable cost; remove it"
+)
+
 HOOK_NAMES = (
     "on_starting",
     "when_ready",
@@ -173,6 +178,8 @@ class Master:
             "multiproc_dir": self.directory,
         }
         print(f"gunicorn-prometheus: effective configuration {json.dumps(effective)}", flush=True)
+        if "METRICS_FLUSH_INTERVAL" in os.environ:  # a removed setting: accepted, ignored, said once
+            print(DEPRECATED_FLUSH_INTERVAL, file=sys.stderr, flush=True)
 
     def when_ready(self, server: Any) -> None:
         host, port = self.settings.metrics_host, self.settings.metrics_port
@@ -255,15 +262,11 @@ class Master:
         if self.settings.metrics_instrument:
             from .instrumentation import PrometheusMiddleware
 
-            options: dict[str, Any] = {}
-            if "METRICS_FLUSH_INTERVAL" in self.settings.values:
-                options["flush_interval"] = self.settings.value("METRICS_FLUSH_INTERVAL")
             middleware = PrometheusMiddleware(
                 getattr(worker, attribute),
                 app_name=self.settings.metrics_app_name,
                 buckets=self.settings.metrics_buckets,
                 skip_paths=sorted(self.settings.metrics_skip_paths),
-                **options,
             )
             setattr(worker, attribute, middleware)
             worker.prometheus_middleware = middleware
@@ -294,8 +297,6 @@ class Master:
             )
             _cut_on_stop().inc(in_flight.cut)
         middleware = getattr(worker, "prometheus_middleware", None)
-        if middleware is not None:
-            middleware.flush()  # observations still batched in memory reach the files before the process ends
         handled = getattr(middleware, "requests_handled", 0)
         recycled = bool(worker.max_requests) and handled >= worker.max_requests
         server_state.write_exit_reason(

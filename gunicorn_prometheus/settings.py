@@ -438,14 +438,6 @@ SETTINGS: tuple[Setting, ...] = (
         default=_DEFAULT_BUCKETS,
     ),
     Setting(
-        "METRICS_FLUSH_INTERVAL",
-        METRICS,
-        _non_negative_float,
-        "Seconds a worker gathers HTTP metrics in memory before writing them (0: every request, about "
-        "10 µs each); a SIGKILLed worker loses at most this much.",
-        default="0.1",
-    ),
-    Setting(
         "METRICS_SATURATION",
         METRICS,
         _bool,

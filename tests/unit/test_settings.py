@@ -53,7 +53,6 @@ def test_empty_value_means_default_elsewhere():
         ("METRICS_INSTRUMENT", "maybe", "true or false"),
         ("METRICS_BUCKETS", "1,0.5", "increasing numbers"),
         ("METRICS_SKIP_PATHS", "health", "starting with /"),
-        ("METRICS_FLUSH_INTERVAL", "-1", "a number >= 0"),
         ("METRICS_SKIP_PATHS", "/a,/b(", "'/b(' is not a valid regular expression"),
         ("PROMETHEUS_MULTIPROC_DIR", "/proc/metrics", "not under /proc"),
         ("PROMETHEUS_MULTIPROC_DIR", "metrics", "an absolute directory path"),
