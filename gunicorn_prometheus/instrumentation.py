@@ -78,8 +78,6 @@ _REGEX_CHARS = re.compile(r"[\\^$|?*+()\[\]{}]")
 #: The clock of request durations; a module global so tests can substitute a fake one.
 _clock = time.perf_counter
 
-_TRACEPARENT = b"traceparent"
-
 
 class _Default:
     """Type of DEFAULT: "use PROMETHEUS_MULTIPROC_DIR" (None already means "no directory")."""
@@ -339,12 +337,21 @@ class PrometheusMiddleware:
                 row_cells[base] += duration
                 bucket = bisect_left(upper_bounds, duration)
                 row_cells[base + 1 + bucket] += 1
-                if exemplars and scope["headers"]:
-                    self._exemplar(scope["headers"], row, bucket, duration)
+                if exemplars:
+                    # The exemplar's trace, if any: a plain loop is the cheapest scan (~50 ns a header;
+                    # map/itemgetter or dict() cost more for the few headers requests carry).
+                    for name, value in scope["headers"]:
+                        if name == b"traceparent":
+                            self._exemplar(_parse_traceparent(value), row, bucket, duration)
+                            break
+                    else:
+                        if otel is not None:
+                            self._exemplar(_current_otel_trace(otel), row, bucket, duration)
             return send(message)
 
         upper_bounds = self._store.upper_bounds
         exemplars = self._exemplars
+        otel = self._otel
         start = _clock()
         try:
             await self.app(scope, receive, send_status)
@@ -366,18 +373,22 @@ class PrometheusMiddleware:
         bucket = bisect_left(self._store.upper_bounds, duration)
         row.cells[row.base] += duration
         row.cells[row.base + 1 + bucket] += 1
-        if self._exemplars and scope.get("headers"):
-            self._exemplar(scope["headers"], row, bucket, duration)
+        if self._exemplars:
+            trace = None
+            for name, value in scope.get("headers", ()):
+                if name == b"traceparent":
+                    trace = _parse_traceparent(value)
+                    break
+            else:
+                if self._otel is not None:
+                    trace = _current_otel_trace(self._otel)
+            self._exemplar(trace, row, bucket, duration)
 
-    def _exemplar(self, headers: Iterable[tuple[bytes, bytes]], row: cells.HistogramRow, bucket: int,
-                  duration: float) -> None:  # fmt: skip
-        """Keep the request's trace as the bucket's exemplar, if it has one."""
-        for name, value in headers:
-            if name == _TRACEPARENT:
-                trace = _parse_traceparent(value)
-                break
-        else:
-            trace = _current_otel_trace(self._otel) if self._otel is not None else None
+    @staticmethod
+    def _exemplar(
+        trace: tuple[int, int, int] | None, row: cells.HistogramRow, bucket: int, duration: float
+    ) -> None:
+        """Keep the request's trace (trace id high, low, span id) as the bucket's exemplar, if it has one."""
         if trace is not None:
             cells.write_exemplar(row, bucket, duration, time.time(), *trace)
 
