@@ -79,6 +79,7 @@ import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -156,23 +157,23 @@ def _reserve(fd: int, offset: int, length: int) -> None:
 class HistogramRow:
     """Where one label set's histogram lives: ``cells[base]`` is the sum, ``cells[base+1+i]`` bucket i."""
 
-    cells: memoryview  # float64 view of the row's chunk
-    words: memoryview  # uint64 view of the same chunk (exemplar sequence and ids)
+    cells: memoryview[float]  # float64 view of the row's chunk
+    words: memoryview[int]  # uint64 view of the same chunk (exemplar sequence and ids)
     base: int
     exemplars: int  # index of the first exemplar slot, or -1 (the overflow row keeps none)
 
 
 @dataclass(slots=True)
 class GaugeCell:
-    cells: memoryview
+    cells: memoryview[float]
     index: int
 
 
 @dataclass
 class _Chunk:
     mapping: mmap.mmap
-    cells: memoryview
-    words: memoryview
+    cells: memoryview[float]
+    words: memoryview[int]
 
 
 class CellsWriter:
@@ -410,7 +411,10 @@ def _parse_header(data: bytes | memoryview | mmap.mmap, size: int) -> _Header | 
 _ARITY = {KIND_HISTOGRAM: 4, KIND_IN_PROGRESS: 2}
 
 
-def _parse_records(data: bytes, header: _Header) -> list[tuple[int, tuple[str, ...], int]] | None:
+_Record = tuple[int, tuple[str, ...], int]
+
+
+def _parse_records(data: bytes | memoryview, header: _Header) -> list[_Record] | None:
     """(kind, labels, offset of the first cell) of every record up to ``used``; None if any is bad."""
     records = []
     offset = header.header_size
@@ -523,7 +527,7 @@ def parse_cells(data: bytes | memoryview, size: int, identity: str) -> CellsSnap
             if kind == KIND_HISTOGRAM:
                 if labels in snapshot.histograms:  # a duplicate key: only a foreign writer makes these
                     return None
-                row = words[index : index + n + 2].tolist()
+                row = cast(list[float], words[index : index + n + 2].tolist())  # typeshed says list[int]
                 if not _counters_valid(row):
                     return None
                 snapshot.histograms[labels] = row
@@ -540,11 +544,13 @@ def parse_cells(data: bytes | memoryview, size: int, identity: str) -> CellsSnap
         raw.release()
 
 
-def _counters_valid(row: list[float]) -> bool:
+def _counters_valid(row: Sequence[float]) -> bool:
     return all(v >= 0.0 and math.isfinite(v) for v in row)
 
 
-def _read_exemplars(words: memoryview, ids: memoryview, start: int, buckets: int) -> list[Exemplar | None]:
+def _read_exemplars(
+    words: memoryview[float], ids: memoryview[int], start: int, buckets: int
+) -> list[Exemplar | None]:
     found: list[Exemplar | None] = []
     for bucket in range(buckets):
         slot = start + bucket * EXEMPLAR_WORDS
@@ -639,7 +645,8 @@ def merge(snapshots: Iterable[CellsSnapshot]) -> MergedCells:
                     total[i] += value
                 best = merged.exemplars[labels]
                 for i, exemplar in enumerate(snap.exemplars[labels]):
-                    if exemplar is not None and (best[i] is None or exemplar.timestamp > best[i].timestamp):
+                    kept = best[i]
+                    if exemplar is not None and (kept is None or exemplar.timestamp > kept.timestamp):
                         best[i] = exemplar
         for labels, value in snap.in_progress.items():
             merged.in_progress[labels] = merged.in_progress.get(labels, 0.0) + value

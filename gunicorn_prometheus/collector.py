@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -85,6 +85,10 @@ class MultiProcessDirCollector(Collector):
         # their JSON is a large share of the scrape cost. Bounded by _KEY_CACHE_LIMIT.
         self._key_cache: dict[str, Any] = {}
         self.read_errors = 0  # files skipped as unreadable, every time (the metrics server's own health)
+        self.files_read = 0  # prometheus_client files merged by the last collect()
+        self.cell_files_read = 0  # cells files read by the last collect()
+        #: process -> requests its cells could not store by label (full directory), as of the last collect()
+        self.http_write_errors: dict[str, float] = {}
         if registry:
             registry.register(self)
 
@@ -101,6 +105,7 @@ class MultiProcessDirCollector(Collector):
         return [os.path.join(self._path, n) for n in sorted(names) if METRIC_FILE_RE.fullmatch(n)]
 
     def collect(self) -> Iterable[Metric]:
+        """The app's metrics and the HTTP metrics; ``files_read`` and ``http_write_errors`` say more."""
         yield from self.app_metrics()
         yield from self.http_metrics()
 
@@ -108,6 +113,7 @@ class MultiProcessDirCollector(Collector):
         """prometheus_client's files, merged by prometheus_client from those that read back completely."""
         for _ in range(_MERGE_ATTEMPTS):
             files = self.readable(self.metric_files())
+            self.files_read = len(files)
             try:
                 return list(MultiProcessCollector.merge(files, accumulate=True))
             except (OSError, *_CORRUPT_ERRORS) as exc:
@@ -125,6 +131,7 @@ class MultiProcessDirCollector(Collector):
         return cells.cell_files(self._path)
 
     def http_metrics(self) -> list[Metric]:
+        """The HTTP families of every cells file; their write errors go to ``http_write_errors``."""
         snapshots = []
         for path, identity in self.cell_files():
             try:
@@ -142,9 +149,13 @@ class MultiProcessDirCollector(Collector):
                     log.warning("skipping unreadable HTTP metrics file %s: %s", path, reason)
                 continue
             snapshots.append(snapshot)
+        self.cell_files_read = len(snapshots)
         if not snapshots:
+            self.http_write_errors = {}
             return []
-        return http_families(cells.merge(snapshots))
+        merged = cells.merge(snapshots)
+        self.http_write_errors = merged.write_errors
+        return http_families(merged)
 
     def _read_file(self, path: str, key_cache: dict[str, Any]) -> list[_Entry] | None:
         """Fully read and decode one file; None if it vanished or cannot be read completely."""
@@ -215,7 +226,30 @@ def http_families(merged: cells.MergedCells) -> list[Metric]:
     )
     for labels, value in sorted(merged.in_progress.items()):
         in_progress.add_metric(list(labels), value)
-    errors = CounterMetricFamily(names.METRICS_WRITE_ERRORS, WRITE_ERRORS_HELP, labels=["process"])
-    for identity, value in sorted(merged.write_errors.items()):
-        errors.add_metric([identity], value)
-    return [duration, in_progress, errors]
+    return [duration, in_progress]
+
+
+def add_write_errors(families: Iterable[Metric], extra: dict[str, float]) -> Iterator[Metric]:
+    """``families`` with ``extra`` (process -> count) added into the write-errors counter family.
+
+    The HTTP cells count the requests they could not store by label; prometheus_client's guarded files
+    count failed writes elsewhere (:mod:`gunicorn_prometheus.metric_files`). One family serves both, per
+    process: the sum of two counters that never go down never goes down either.
+    """
+    pending = {process: value for process, value in extra.items() if value}
+    for family in families:
+        if family.name == names.METRICS_WRITE_ERRORS and pending:
+            samples = []
+            for sample in family.samples:
+                added = pending.pop(sample.labels.get("process", ""), 0.0)
+                samples.append(sample._replace(value=sample.value + added) if added else sample)
+            family.samples = samples
+            for process, value in sorted(pending.items()):
+                family.add_sample(family.name + "_total", {"process": process}, value)
+            pending = {}
+        yield family
+    if pending:
+        errors = CounterMetricFamily(names.METRICS_WRITE_ERRORS, WRITE_ERRORS_HELP, labels=["process"])
+        for process, value in sorted(pending.items()):
+            errors.add_metric([process], value)
+        yield errors

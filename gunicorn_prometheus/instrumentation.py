@@ -105,8 +105,7 @@ class _CellsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from .collector import http_families
 
-        # The histogram and the in-progress gauge (write errors cannot happen in anonymous memory).
-        yield from http_families(cells.merge([self.store.writer.snapshot()]))[:2]
+        yield from http_families(cells.merge([self.store.writer.snapshot()]))
 
     def describe(self) -> Iterator[Metric]:
         return iter(self.collect())

@@ -38,7 +38,7 @@ from . import (
     shared_state,
     web_config,
 )
-from .collector import MultiProcessDirCollector
+from .collector import MultiProcessDirCollector, add_write_errors
 from .derived import derive_request_totals
 from .metrics_health import HealthFile
 from .metrics_http import HttpServer, Request, Response
@@ -86,9 +86,9 @@ class ServerCollector:
         self.cpu = process_stats.CpuLedger(shared_state.open_table(directory))
 
     def collect(self) -> Iterator[Metric]:
-        files = self.files.metric_files()
-        self.files_read = len(files)
-        yield from derive_request_totals(list(self.files.merge(files)))
+        families = list(self.files.collect())  # the app's files and the HTTP cells
+        self.files_read = self.files.files_read + self.files.cell_files_read
+        yield from derive_request_totals(families)
         yield from lifecycle.families(server_state.server_record(self.view.state))
 
         snap = self.view.snapshot()
@@ -117,7 +117,8 @@ class ServerCollector:
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
             yield gauge
-        yield from process_stats.families(self.view.master_pid, snap["workers"], self.cpu)
+        stats = process_stats.families(self.view.master_pid, snap["workers"], self.cpu)
+        yield from add_write_errors(stats, self.files.http_write_errors)  # the HTTP cells' own count too
         yield from listen_backlog.families(self.view.master_pid)
 
 

@@ -16,7 +16,10 @@ import time
 from collections import Counter
 
 import httpx
-from conftest import LEAN, Scrape, fill, kill_worker, scrape, wait_until, write_app
+
+from tests.support.faults import LEAN, Scrape, fill, kill_worker, scrape
+from tests.support.server import write_app
+from tests.support.waiting import wait_until
 
 #: A bare ASGI app: `/status/NNN` answers with that status (so each status is a new label set: a way to
 #: make new series without routes), `/hang` blocks the event loop for good (worker timeouts).
@@ -176,12 +179,12 @@ def test_a_scrape_right_after_a_response_counts_it(start_server, app_dir, figure
 def test_full_directory_degrades_metrics_not_requests(start_server, app_dir, small_tmpfs, figures):
     """Full metrics directory: new label sets are counted as write errors, every request answered.
 
-    The multiprocess directory is a 512 KiB tmpfs, filled up once the workers serve; then 300 new label
+    The multiprocess directory is a 1 MiB tmpfs, filled up once the workers serve; then 300 new label
     sets (statuses) arrive. Every request gets its status, no worker dies, each worker logs the problem
     once, and every request is counted: by label, or in gunicorn_metrics_write_errors_total.
     """
     write_app(app_dir, STATUS_APP)
-    directory = small_tmpfs(512 * 1024)
+    directory = small_tmpfs(1024 * 1024)
     server = start_server(app_dir, PROMETHEUS_MULTIPROC_DIR=str(directory), **LEAN)
     server.wait_metrics_ready()
     workers = {p.pid for p in server.workers()}
@@ -205,7 +208,7 @@ def test_full_directory_degrades_metrics_not_requests(start_server, app_dir, sma
         requests=answered,
         counted_by_label=int(by_label),
         counted_as_write_errors=int(errors),
-        faults="512 KiB tmpfs filled after start",
+        faults="1 MiB tmpfs filled after start",
     )
 
 

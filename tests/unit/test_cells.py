@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from gunicorn_prometheus import cells
-from gunicorn_prometheus.collector import MultiProcessDirCollector
+from gunicorn_prometheus.collector import MultiProcessDirCollector, add_write_errors
 
 BOUNDS = (0.1, 0.5, 1.0)
 LABELS = ("GET", "/a", "200", "app")
@@ -158,8 +158,23 @@ def test_a_full_filesystem_degrades_to_the_overflow_row(tmp_path: Path, monkeypa
     stored = len(snap.histograms)
     assert 1 < stored < 401
     assert snap.write_errors == 401 - stored
-    text = scrape(tmp_path)
-    assert f'gunicorn_metrics_write_errors_total{{process="w0"}} {401.0 - stored}' in text
+    collector = MultiProcessDirCollector(None, str(tmp_path))
+    list(collector.collect())
+    assert collector.http_write_errors == {"w0": 401 - stored}
+
+
+def test_write_errors_join_the_families_other_errors() -> None:
+    from prometheus_client.core import CounterMetricFamily
+
+    theirs = CounterMetricFamily("gunicorn_metrics_write_errors", "h", labels=["process"])
+    theirs.add_metric(["master"], 1)
+    theirs.add_metric(["w0"], 2)
+    (family,) = add_write_errors([theirs], {"w0": 3.0, "w1": 4.0, "w2": 0.0})
+    assert {s.labels["process"]: s.value for s in family.samples} == {"master": 1, "w0": 5, "w1": 4}
+    (alone,) = add_write_errors([], {"w1": 4.0})
+    assert [(s.name, s.labels, s.value) for s in alone.samples] == [
+        ("gunicorn_metrics_write_errors_total", {"process": "w1"}, 4.0)
+    ]
 
 
 def test_an_unusable_directory_falls_back_to_memory(tmp_path: Path, caplog) -> None:
