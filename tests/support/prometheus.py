@@ -19,10 +19,13 @@ class PrometheusStarter:
         self.work_dir = work_dir
         self.procs: list[subprocess.Popen] = []
 
-    def __call__(self, target: str, rule_files: tuple[str, ...] = (), job: str = "") -> str:
+    def __call__(
+        self, target: str, rule_files: tuple[str, ...] = (), job: str = "", flags: tuple[str, ...] = ()
+    ) -> str:
         """Start a Prometheus scraping `target` (host:port) and evaluating `rule_files`; return its URL.
 
         `job`: more YAML lines of the scrape job (e.g. `scheme`, `basic_auth`, `tls_config`), unindented.
+        `flags`: extra command-line flags, e.g. `--enable-feature=exemplar-storage`.
         """
         binary = shutil.which("prometheus")
         assert binary, "the Debian package `prometheus` is missing: run scripts/install --test"
@@ -52,6 +55,7 @@ class PrometheusStarter:
                         f"--config.file={config}",
                         f"--storage.tsdb.path={home / 'tsdb'}",
                         f"--web.listen-address=127.0.0.1:{port}",
+                        *flags,
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
