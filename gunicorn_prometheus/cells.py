@@ -289,6 +289,16 @@ class CellsWriter:
         self.chunks[0].words[3] = os.getpid()
         return True
 
+    def close(self) -> None:
+        """Unmap and close the file (benchmarks and tests; a worker keeps its cells for its whole life).
+
+        Rows handed out before must not be used afterwards.
+        """
+        self._unmap()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def _unmap(self) -> None:
         for chunk in self.chunks:
             chunk.cells.release()
