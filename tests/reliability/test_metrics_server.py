@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -445,3 +446,74 @@ def test_bad_access_files_fail_the_start_in_one_line(
     logs = server.failed_start_logs()
     line = next(line for line in logs.splitlines() if variable in line)
     assert expected in line and "configuration error" in line, logs
+
+
+_TINY_SERVER = """
+import asyncio, resource, socket
+from gunicorn_prometheus.metrics_http import HttpServer, Response
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+async def main():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    print(listener.getsockname()[1], flush=True)
+
+    async def handler(request):
+        return Response(200, b"ok\\n")
+
+    HttpServer(listener, handler, max_connections=10_000).start()  # a cap above the limit: EMFILE happens
+    await asyncio.Event().wait()
+
+
+asyncio.run(main())
+"""
+
+
+def test_out_of_file_descriptors_closes_the_longest_waiting(figures):
+    """Out of file descriptors (EMFILE) with a connection cap set too high for the limit.
+
+    The metrics HTTP server under `ulimit -n 64` gets 300 idle connections: each accept that fails for
+    lack of descriptors closes the connection that has waited longest, so a new request is still
+    answered, and the server does not spin (its CPU stays near idle).
+    """
+    child = subprocess.Popen([sys.executable, "-c", _TINY_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        proc = psutil.Process(child.pid)
+        sockets = []
+        try:
+            for _ in range(300):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sockets.append(sock)
+            cpu_before = sum(proc.cpu_times()[:2])
+            started = time.monotonic()
+
+            def answered() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                    return sock.recv(100)
+
+            first = wait_until(answered, 10, "an answer while out of descriptors", ignore=(OSError,))
+            elapsed = time.monotonic() - started
+            time.sleep(1)  # measuring idleness needs a window of time: CPU spent in it must stay small
+            cpu = sum(proc.cpu_times()[:2]) - cpu_before
+            open_fds = proc.num_fds()
+        finally:
+            for sock in sockets:
+                sock.close()
+    finally:
+        child.kill()
+        child.wait()
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert open_fds <= 64
+    assert cpu < 0.5, cpu
+    figures.record(
+        connections=300,
+        open_files_limit=64,
+        answer_ms=round(elapsed * 1000, 1),
+        server_cpu_s_in_idle_window=round(cpu, 3),
+    )
