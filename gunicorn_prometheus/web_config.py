@@ -288,6 +288,13 @@ class Access:
         with self._lock:
             return parsed[2] in self._good
 
+    def _equal_time(self) -> None:
+        """A rejected unknown user costs one bcrypt check too, so timing does not tell which users exist."""
+        import bcrypt
+
+        if self.users:
+            bcrypt.checkpw(b"-", next(iter(self.users.values())))
+
     def _basic(self, encoded: str) -> tuple[str, str, bytes] | None:
         """(user, password, cache key) of a Basic header naming a configured user, else None."""
         try:
@@ -302,6 +309,7 @@ class Access:
     def _check_basic(self, encoded: str) -> bool:
         parsed = self._basic(encoded)
         if parsed is None:
+            self._equal_time()
             return False
         user, password, key = parsed
         with self._lock:
