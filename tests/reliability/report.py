@@ -64,8 +64,6 @@ RESIDUAL = """\
   a SIGKILLed worker loses at most the observations of the requests it was answering (one per client
   connection) with `METRICS_FLUSH_INTERVAL=0`, and up to that interval's requests otherwise. The app's own
   prometheus_client counters, written before the answer, lose nothing.
-- **Workers outliving a SIGKILLed master** (the master alone, not its process group): marked `xfail` in
-  `test_restart.py` until workers die with their master.
 """
 
 

@@ -11,7 +11,6 @@ import os
 import signal
 
 import psutil
-import pytest
 
 from tests.support.faults import LEAN, TINY_APP, scrape
 from tests.support.server import write_app
@@ -76,11 +75,6 @@ def test_kill_9_of_the_process_group_then_restart(start_server, app_dir, load, f
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs workers that die with their master (issue 8 item 5, the 'core' work); remove this "
-    "marker when it lands: strict, so this test fails as soon as it passes",
-)
 def test_kill_9_of_the_master_alone_then_restart(start_server, app_dir, figures):
     """kill -9 of the master alone, then a restart on the same ports.
 
