@@ -60,10 +60,6 @@ RESIDUAL = """\
   `gunicorn_metrics_write_errors_total`).
 - **Other state files.** The metrics side's own small files in the state directory (its health file and
   stop marker, the saturation figures) are outside the pre-allocated table; their faults are theirs.
-- **Counts lost to SIGKILL.** Until the HTTP metrics are written through shared memory before the answer,
-  a SIGKILLed worker loses at most the observations of the requests it was answering (one per client
-  connection) with `METRICS_FLUSH_INTERVAL=0`, and up to that interval's requests otherwise. The app's own
-  prometheus_client counters, written before the answer, lose nothing.
 """
 
 

@@ -12,10 +12,9 @@ from tests.support.faults import LEAN, TINY_APP, CounterWatch, kill_worker, scra
 from tests.support.server import write_app
 from tests.support.waiting import wait_until
 
-#: HTTP counts are exact once the HTTP metrics are written through shared memory before the answer
-#: (the "Exact HTTP metrics" work); until then a SIGKILL may lose the observations of the requests the
-#: killed worker was answering, at most one per client connection in flight.
-HTTP_COUNTS_EXACT = False
+#: HTTP counts are exact: the HTTP metrics are written through shared-memory cells before the answer's
+#: last message leaves the worker, so a SIGKILL loses no answered request.
+HTTP_COUNTS_EXACT = True
 
 
 def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
@@ -23,13 +22,13 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
 
     Two workers under four clients; one worker at a time is killed with SIGKILL as soon as its
     replacement serves, six times, each time with the master paused until a scrape has seen the dead
-    worker unreaped. Every answered request is in the app's own counter (written before
-    the answer), the HTTP request counter matches it within the flush bound (exactly once HTTP metrics
-    are written through), and every kill is counted as a `crash` exit. A thread scrapes all along,
-    so scrapes fall between deaths and reaps: no counter, CPU ones included, may ever go down.
+    worker unreaped. Every answered request is in the app's own counter (written before the answer), the
+    HTTP request counter matches it exactly, and every kill is counted as a `crash` exit. A thread
+    scrapes all along, so scrapes fall between deaths and reaps: no counter, CPU ones included, may ever
+    go down.
     """
     write_app(app_dir, TINY_APP)
-    server = start_server(app_dir, METRICS_FLUSH_INTERVAL="0", **LEAN)
+    server = start_server(app_dir, **LEAN)
     server.wait_metrics_ready()
     kills, clients = 6, 4
     rng = random.Random(8)
