@@ -22,8 +22,8 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
 
     Two workers under four clients; one worker at a time is killed with SIGKILL as soon as its
     replacement serves, six times, each time with the master paused until a scrape has seen the dead
-    worker unreaped. Every answered request is in the app's own counter (written before the answer), the
-    HTTP request counter matches it exactly, and every kill is counted as a `crash` exit. A thread
+    worker unreaped. Every answered request is in the app's own counter (written before the answer) and in
+    the HTTP request counter (written before the last message), and every kill is a `crash` exit. A thread
     scrapes all along, so scrapes fall between deaths and reaps: no counter, CPU ones included, may ever
     go down.
     """
@@ -71,7 +71,9 @@ def test_sigkill_churn_under_load(start_server, app_dir, load, peaks, figures):
     assert set(run.statuses) == {200}, run.statuses
     assert answered <= hits <= answered + run.errors, (answered, run.errors, hits)
     if HTTP_COUNTS_EXACT:
-        assert http == hits, (http, hits)
+        # Every answered request is counted; a request the app counted but whose answer a SIGKILL cut
+        # before its last message left the worker was never answered, so it may be missing here.
+        assert answered <= http <= hits, (answered, http, hits)
     else:
         assert hits - kills * clients <= http <= hits, (http, hits)
     assert final.total("gunicorn_worker_exits_total", reason="crash") == kills
