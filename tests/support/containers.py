@@ -20,6 +20,8 @@ APPS = REPO / "tests" / "image" / "apps"
 RUN_ID = uuid.uuid4().hex[:10]
 LABEL = f"gunicorn-prometheus-tests={RUN_ID}"
 STOP_TIMEOUT = 15  # seconds; above the image's GRACEFUL_TIMEOUT default (8)
+#: `docker stop`'s default grace: a stop with it that ends in exit code 0 was not SIGKILLed.
+DOCKER_STOP_GRACE = 10
 
 
 # --- the engine -------------------------------------------------------------------------------------
