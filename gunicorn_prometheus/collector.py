@@ -130,6 +130,18 @@ class MultiProcessDirCollector(Collector):
     def cell_files(self) -> list[tuple[str, str]]:
         return cells.cell_files(self._path)
 
+    def http_write_errors_now(self) -> float:
+        """The HTTP cells' write errors as their files hold them now (for /healthz, between scrapes)."""
+        total = 0.0
+        for path, identity in self.cell_files():
+            try:
+                snapshot = cells.read_file(path, identity)
+            except (OSError, ValueError):
+                continue  # unreadable: a scrape counts and logs it as a read error
+            if snapshot is not None:
+                total += snapshot.write_errors
+        return total
+
     def http_metrics(self) -> list[Metric]:
         """The HTTP families of every cells file; their write errors go to ``http_write_errors``."""
         snapshots = []

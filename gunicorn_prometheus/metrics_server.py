@@ -261,6 +261,8 @@ class MetricsApp:
         shown = {"status": "ok" if healthy else "unavailable"}
         if detail:
             shown.update({k: v for k, v in snap.items() if k != "workers"})
+            # the same total as gunicorn_metrics_write_errors_total: the HTTP cells keep their own count
+            shown["metrics_write_errors"] += int(self.collector.files.http_write_errors_now())
         return Response(
             200 if healthy else 503, json.dumps(shown).encode(), [("Content-Type", "application/json")]
         )
