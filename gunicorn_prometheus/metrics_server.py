@@ -260,9 +260,9 @@ class MetricsApp:
         healthy = snap["master_alive"] and snap["workers_serving"] >= 1
         shown = {"status": "ok" if healthy else "unavailable"}
         if detail:
-            shown.update({k: v for k, v in snap.items() if k != "workers"})
             # the same total as gunicorn_metrics_write_errors_total: the HTTP cells keep their own count
-            shown["metrics_write_errors"] += int(self.collector.files.http_write_errors_now())
+            snap["metrics_write_errors"] += int(self.collector.files.http_write_errors_now())
+            shown.update({k: v for k, v in snap.items() if k != "workers"})
         return Response(
             200 if healthy else 503, json.dumps(shown).encode(), [("Content-Type", "application/json")]
         )

@@ -67,8 +67,9 @@ def test_full_tmpfs_under_load(start_server, app_dir, small_tmpfs, load, peaks, 
             lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the replacement"
         )
         after = server.get("/after-restart")
-    health = server.metrics_get("/healthz")
     final = scrape(server)
+    health = server.metrics_get("/healthz")
+    later = scrape(server)
     assert run.errors <= 4 and set(run.statuses) == {200}, (run.errors, run.statuses)  # 4: cut by the kill
     assert after.status_code == 200
     assert final.total("gunicorn_worker_exits_total") == 1, final.values(
@@ -77,7 +78,10 @@ def test_full_tmpfs_under_load(start_server, app_dir, small_tmpfs, load, peaks, 
     assert final.total("gunicorn_worker_boots_total") == 3
     errors = final.total(WRITE_ERRORS)
     assert errors >= 1, final.values(WRITE_ERRORS, "process")
-    assert health.status_code == 200 and health.json()["metrics_write_errors"] == errors, health.text
+    # Writes keep failing while the disk is full (the saturation sampler's, say), so /healthz, read between
+    # two scrapes, shows a total between theirs.
+    assert health.status_code == 200, health.text
+    assert errors <= health.json()["metrics_write_errors"] <= later.total(WRITE_ERRORS), health.text
     logged = [line for line in server.logs().splitlines() if LOGGED in line]
     assert logged and len(logged) == len(set(logged)), logged  # once per process and file
     assert "Traceback" not in server.logs()
