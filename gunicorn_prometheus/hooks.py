@@ -340,6 +340,10 @@ def _quick_uvicorn_exit(worker: Any) -> Callable[[int, Any], None]:
         handler = signal.getsignal(signal.SIGINT)
         if not callable(handler):
             sys.exit(0)
+        if getattr(getattr(handler, "__self__", None), "should_exit", False):
+            # Already stopping: a Ctrl-C on a terminal reaches the workers too. A second SIGINT would make
+            # Uvicorn force the exit, skipping the app's lifespan shutdown (then cancelled, a traceback).
+            return
         handler(signal.SIGINT, frame)
 
     return quick_exit

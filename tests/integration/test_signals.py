@@ -87,6 +87,28 @@ def test_quick_shutdown_does_not_wait_for_graceful_timeout(start_server, app_dir
     assert len(cut_lines) == 1 and "1 request(s) still running were cut by a quick shutdown" in cut_lines[0]
 
 
+def test_ctrl_c_on_a_terminal_reaches_every_process_and_stops_cleanly(start_server, app_dir):
+    """`docker run -t` + Ctrl-C: SIGINT reaches the master and the workers at once.
+
+    The workers then hear of the stop twice (their own SIGINT, the master's SIGQUIT); the second must
+    not force Uvicorn's exit, which skips the app's lifespan shutdown and logs its cancellation.
+    """
+    write_app(app_dir, SLOW_APP)
+    server = start_server(app_dir, WEB_CONCURRENCY="2", GRACEFUL_TIMEOUT="60")
+    server.wait_metrics_ready()
+    wait_until(lambda: server.logs().count("Application startup complete") == 2, 30, "both workers serving")
+    workers = server.workers()
+    assert len(workers) == 2
+    server.proc.send_signal(signal.SIGINT)
+    for worker in workers:
+        worker.send_signal(signal.SIGINT)
+    wait_until(lambda: everything_gone(server), 15, "every process to end (a graceful stop waits 60 s)")
+    assert server.proc.returncode == 0
+    logs = server.logs()
+    assert "SIGKILL" not in logs and "Traceback" not in logs, logs
+    assert logs.count("Application shutdown complete") == 2, logs  # each worker's lifespan shutdown ran
+
+
 def test_sigterm_lets_running_requests_finish(start_server, app_dir):
     write_app(app_dir, SLOW_APP)
     server = start_server(app_dir, WEB_CONCURRENCY="1", GRACEFUL_TIMEOUT="30", METRICS_FLUSH_INTERVAL="0")
