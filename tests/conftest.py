@@ -14,6 +14,19 @@ from tests.support.prometheus import PrometheusStarter
 from tests.support.server import ServerStarter
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), every image test runs in one worker, one after another.
+
+    They share one session-scoped image build (tests/image/conftest.py), which another worker would
+    repeat, and each runs several processes in a container: on 2 cores, one image test at a time
+    beside the plain-process tests is what the machine holds.
+    """
+    image_group = pytest.mark.xdist_group("image")
+    for item in items:
+        if item.get_closest_marker("image") is not None:
+            item.add_marker(image_group)
+
+
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
     """An empty app directory of the test's own (APP_DIR of the servers it starts)."""
