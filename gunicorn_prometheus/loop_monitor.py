@@ -12,15 +12,18 @@ queueing for a thread. A timer on the worker's own loop shows both:
   the limit of AnyIO's default thread limiter, where Starlette runs ``def`` routes (40 tokens unless the
   app changes it), and how many tasks wait for a token.
 
-Why it costs nothing measurable: the request path is not touched at all (see :class:`StartOnFirstCall`
-for the one pass-through call per request). The timer runs ten times a second whatever the traffic and
-writes through prometheus_client's public API (``Histogram.observe``, ``Gauge.set``, a few microseconds
-each into the worker's memory-mapped files): about 0.03 % of one core. Gauges are written only when their
-value changed. The stall watcher thread wakes as often, reads two numbers and writes only during a stall.
+Why it costs nothing measurable: the request path is not touched at all. The timer runs ten times a
+second whatever the traffic and writes through prometheus_client's public API (``Histogram.observe``,
+``Gauge.set``, a few microseconds each into the worker's memory-mapped files): about 0.03 % of one core.
+Gauges are written only when their value changed. The stall watcher thread wakes as often, reads two
+numbers and writes only during a stall.
 
-Why a wrapper starts it: Uvicorn workers create their event loop only after the ``post_worker_init`` hook
-returns, and Gunicorn has no hook that runs on the loop. The first ASGI call (Uvicorn's and Gunicorn's
-``lifespan`` startup, else the first request) runs on the loop, so the wrapper starts the timer there.
+How it starts on the worker's loop: Uvicorn workers create their event loop only after the
+``post_worker_init`` hook returns, and Gunicorn has no hook that runs on the loop. Uvicorn does call one
+of its own settings on the loop: ``Config.callback_notify`` (the worker's heartbeat, which uvicorn-worker
+sets), awaited from the server's first tick once it serves and then every ``timeout_notify`` seconds.
+Wrapped, it starts the timer on its first call, at no cost per request. Other workers with no loop yet get
+their app wrapped in :class:`StartOnFirstCall` instead (one pass-through call per request).
 """
 
 from __future__ import annotations
@@ -302,12 +305,16 @@ def install(worker: Any, process: str) -> LoopMonitor:
     """Monitor this worker's event loop; called from the ``post_worker_init`` hook.
 
     Gunicorn's native ``asgi`` worker already has its loop (``worker.loop``): the timer is armed on it
-    directly. Uvicorn workers create theirs later, so their app is wrapped in :class:`StartOnFirstCall`.
+    directly. Uvicorn workers create theirs later: their heartbeat callback starts it (see the module
+    docstring). Any other worker's app is wrapped in :class:`StartOnFirstCall`.
     """
     monitor = LoopMonitor(process)
     loop = getattr(worker, "loop", None)
+    config: Any = getattr(worker, "config", None)
     if isinstance(loop, asyncio.AbstractEventLoop):
         monitor.start(loop)
+    elif callable(getattr(config, "callback_notify", None)):
+        config.callback_notify = start_on_first_notify(config.callback_notify, monitor)
     else:
         attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"
         app = getattr(worker, attribute)
@@ -315,6 +322,22 @@ def install(worker: Any, process: str) -> LoopMonitor:
             setattr(worker, attribute, StartOnFirstCall(app, monitor))
     worker.prometheus_loop_monitor = monitor
     return monitor
+
+
+def start_on_first_notify(
+    notify: Callable[[], Awaitable[None]], monitor: LoopMonitor
+) -> Callable[[], Awaitable[None]]:
+    """Uvicorn's ``callback_notify``, starting ``monitor`` on the loop that awaits it (first call only)."""
+
+    async def notify_and_start() -> None:
+        if not monitor.started:
+            try:
+                monitor.start(asyncio.get_running_loop())
+            except Exception:  # a fault costs the figures, never the heartbeat (the worker's life)
+                monitor._report_failure()
+        await notify()
+
+    return notify_and_start
 
 
 def is_asgi3(app: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import anyio
 import anyio.to_thread
@@ -219,3 +220,28 @@ def test_only_asgi3_apps_are_wrapped() -> None:
         loop_monitor.install(worker, "w0")
         assert isinstance(worker.wsgi, loop_monitor.StartOnFirstCall) is wrapped, app
         assert loop_monitor.is_asgi3(worker.wsgi) is wrapped
+
+
+def test_an_uvicorn_worker_starts_it_from_its_heartbeat_and_keeps_its_app() -> None:
+    """Uvicorn awaits Config.callback_notify on its loop from its first tick: the monitor starts there,
+    with no wrapper on the request path, and the worker's own heartbeat still runs every time."""
+    from uvicorn.config import Config
+
+    beats = []
+
+    async def heartbeat() -> None:
+        beats.append(asyncio.get_running_loop())
+
+    async def app(scope, receive, send) -> None: ...
+
+    worker = SimpleNamespace(wsgi=app, config=Config(app=None, callback_notify=heartbeat))
+    monitor = loop_monitor.install(worker, "w0")
+    assert worker.wsgi is app and not monitor.started
+
+    async def main() -> None:
+        await worker.config.callback_notify()
+        assert monitor.loop is asyncio.get_running_loop()
+        await worker.config.callback_notify()
+
+    asyncio.run(main())
+    assert len(beats) == 2 and beats[0] is monitor.loop
