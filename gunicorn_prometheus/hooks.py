@@ -255,18 +255,23 @@ class Master:
             # would SIGKILL the worker: it then exits normally (worker_exit and the last metrics flush
             # run) and says how many it cut instead of dying as "Perhaps out of memory?".
             worker.config.timeout_graceful_shutdown = max(self.settings.graceful_timeout - 1, 0)
-        # The app, from the inside out: adapted to ASGI3 (Uvicorn would detect ASGI2 itself, but our
-        # wrappers are ASGI3), the HTTP metrics, the loop monitor, the in-flight count for stops.
+        # The app, adapted to ASGI3 (Uvicorn would detect ASGI2 itself, but our wrappers are ASGI3), then
+        # one layer in front of it: the HTTP metrics, which also keep the in-flight count for stops
+        # (handing websockets and lifespan to InFlight), or InFlight alone without them.
         attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
-        setattr(worker, attribute, asgi.as_asgi3(getattr(worker, attribute)))
+        app = asgi.as_asgi3(getattr(worker, attribute))
+        in_flight = asgi.InFlight(app)
+        setattr(worker, attribute, in_flight)
+        worker.prometheus_in_flight = in_flight
         if self.settings.metrics_instrument:
             from .instrumentation import PrometheusMiddleware
 
             middleware = PrometheusMiddleware(
-                getattr(worker, attribute),
+                app,
                 app_name=self.settings.metrics_app_name,
                 buckets=self.settings.metrics_buckets,
                 skip_paths=sorted(self.settings.metrics_skip_paths),
+                in_flight=in_flight,
             )
             setattr(worker, attribute, middleware)
             worker.prometheus_middleware = middleware
@@ -274,9 +279,6 @@ class Master:
             from . import loop_monitor
 
             loop_monitor.install(worker, slots.slot_identity(worker.prometheus_slot))
-        in_flight = asgi.InFlight(getattr(worker, attribute))
-        setattr(worker, attribute, in_flight)
-        worker.prometheus_in_flight = in_flight
         server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=True)
 
     def worker_exit(self, server: Any, worker: Any) -> None:

@@ -29,6 +29,7 @@ middleware registers a collector for them in ``registry``, for apps served by on
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sys
@@ -77,6 +78,10 @@ _REGEX_CHARS = re.compile(r"[\\^$|?*+()\[\]{}]")
 
 #: The clock of request durations; a module global so tests can substitute a fake one.
 _clock = time.perf_counter
+
+
+#: A value no route, context or method is: the initial "last label set" matches no request.
+_NOTHING = object()
 
 
 class _Default:
@@ -237,6 +242,11 @@ class PrometheusMiddleware:
     unset: anonymous memory, served from ``registry``). ``exemplars``: keep the trace id of requests that
     carry a W3C ``traceparent`` header (or run in a current OpenTelemetry span) as the exemplar of the
     bucket they land in.
+
+    ``in_flight``: the worker's :class:`gunicorn_prometheus.asgi.InFlight` around the same app. The
+    middleware then does its counting for HTTP requests itself (running requests, and requests a stop
+    cut, whose cancellation ends here as it would in InFlight), and hands everything else (websockets,
+    lifespan, skipped paths) to it: one layer on the request path instead of two.
     """
 
     def __init__(
@@ -249,8 +259,12 @@ class PrometheusMiddleware:
         registry: CollectorRegistry | None = prometheus_client.REGISTRY,
         directory: str | None | _Default = DEFAULT,
         exemplars: bool = True,
+        in_flight: Any = None,
     ) -> None:
         self.app = app
+        self._in_flight = in_flight
+        #: where requests the middleware does not record go: the in-flight counter if any, else the app
+        self._other: ASGIApp = in_flight if in_flight is not None else app
         self.app_name = app_name
         self.requests_handled = 0
         if isinstance(directory, _Default):
@@ -267,6 +281,10 @@ class PrometheusMiddleware:
         self._exemplars = exemplars
         # An app that uses OpenTelemetry has imported it by the time the worker wraps it.
         self._otel = sys.modules.get("opentelemetry.trace") if exemplars else None
+        # The last label set recorded and its row: (route, context, status, method, root_path, row). Most
+        # requests repeat the previous one's, and identity checks are cheaper than building and hashing
+        # the key of the _rows cache (see _observe).
+        self._last: tuple[Any, ...] = (_NOTHING,) * 6
 
     @property
     def cells_path(self) -> str | None:
@@ -293,12 +311,12 @@ class PrometheusMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self._other(scope, receive, send)
             return
         self.requests_handled += 1
         root_path: str = scope.get("root_path", "")
         if self._has_skips and self._skipped(scope, root_path):
-            await self.app(scope, receive, send)
+            await self._other(scope, receive, send)
             return
 
         entry = self._gauges.get(scope["method"])
@@ -307,11 +325,15 @@ class PrometheusMiddleware:
         method, gauge = entry
         gauge_cells, gauge_index = gauge.cells, gauge.index
         gauge_cells[gauge_index] += 1
+        in_flight = self._in_flight
+        if in_flight is not None:
+            in_flight.running += 1
         status = 0
         end = 0.0
 
         def send_status(message: Message) -> Awaitable[None]:
-            # A plain function returning send's awaitable: no extra coroutine per message.
+            # A plain function returning send's awaitable: no extra coroutine per message. It closes over
+            # few names on purpose: each is a cell the request allocates.
             nonlocal status, end
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -320,40 +342,17 @@ class PrometheusMiddleware:
                 # client never holds a response the metrics do not count yet. Background tasks that
                 # run after it are not part of the duration (starlette_exporter measures the same way).
                 end = _clock()
-                route = scope.get("route")
-                if route is None:
-                    route = scope.get("endpoint")
-                fastapi_scope = scope.get("fastapi")
-                context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
-                cached = self._rows.get((method, status, id(route), id(context), scope.get("root_path", "")))
-                if cached is not None and cached[0] is route and cached[1] is context:
-                    row = cached[2]
-                else:
-                    row = self._row_for(scope, root_path, method, status)
-                duration = end - start
-                row_cells = row.cells
-                base = row.base
-                row_cells[base] += duration
-                bucket = bisect_left(upper_bounds, duration)
-                row_cells[base + 1 + bucket] += 1
-                if exemplars:
-                    # The exemplar's trace, if any: a plain loop is the cheapest scan (~50 ns a header;
-                    # map/itemgetter or dict() cost more for the few headers requests carry).
-                    for name, value in scope["headers"]:
-                        if name == b"traceparent":
-                            self._exemplar(_parse_traceparent(value), row, bucket, duration)
-                            break
-                    else:
-                        if otel is not None:
-                            self._exemplar(_current_otel_trace(otel), row, bucket, duration)
+                self._observe(scope, root_path, method, status, end - start)
             return send(message)
 
-        upper_bounds = self._store.upper_bounds
-        exemplars = self._exemplars
-        otel = self._otel
         start = _clock()
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:
+            if in_flight is None:
+                raise
+            in_flight.cut += 1  # as InFlight does: the worker is stopping (see asgi.InFlight)
+            return
         except Exception:
             if not end:  # no complete response: starlette_exporter counts a 500, so do we
                 end = _clock()
@@ -361,10 +360,48 @@ class PrometheusMiddleware:
             raise
         finally:
             gauge_cells[gauge_index] -= 1  # cancelled requests too: no longer in progress
+            if in_flight is not None:
+                in_flight.running -= 1
         if not end:  # the app returned without completing a response
             if not status:
                 status = await _status_without_response(receive)
             self._record(scope, root_path, method, status, _clock() - start)
+
+    def _observe(self, scope: Scope, root_path: str, method: str, status: int, duration: float) -> None:
+        """Record a completed request: its row (the last one's, else through the caches), sum, bucket."""
+        route = scope.get("route")
+        if route is None:
+            route = scope.get("endpoint")
+        fastapi_scope = scope.get("fastapi")
+        context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
+        routed_root_path = scope.get("root_path", "")
+        last = self._last
+        if (
+            last[0] is route
+            and last[1] is context
+            and last[2] == status
+            and last[3] is method
+            and last[4] == routed_root_path
+        ):
+            row = last[5]
+        else:
+            row = self._row_for(scope, root_path, method, status)
+            self._last = (route, context, status, method, routed_root_path, row)
+        row_cells = row.cells
+        base = row.base
+        row_cells[base] += duration
+        bucket = bisect_left(self._store.upper_bounds, duration)
+        row_cells[base + 1 + bucket] += 1
+        if self._exemplars:
+            # The exemplar's trace, if any: a plain loop is the cheapest scan (~50 ns a header;
+            # map/itemgetter or dict() cost more for the few headers requests carry).
+            for name, value in scope["headers"]:
+                if name == b"traceparent":
+                    self._exemplar(_parse_traceparent(value), row, bucket, duration)
+                    break
+            else:
+                if self._otel is not None:
+                    self._exemplar(_current_otel_trace(self._otel), row, bucket, duration)
 
     def _record(self, scope: Scope, root_path: str, method: str, status: int, duration: float) -> None:
         """The request path's recording, for the rare requests that end without a final body message."""

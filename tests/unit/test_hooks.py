@@ -85,8 +85,9 @@ def call(app, scope):
 def test_worker_init_adapts_an_asgi2_app_and_instruments_it(master):
     worker = SimpleNamespace(wsgi=ASGI2App, prometheus_slot=0, max_requests=0)
     master.post_worker_init(worker)
-    assert worker.wsgi is worker.prometheus_in_flight
-    assert worker.prometheus_in_flight.app is worker.prometheus_middleware
+    # one layer: the middleware, which keeps the in-flight count for HTTP requests itself
+    assert worker.wsgi is worker.prometheus_middleware
+    assert worker.prometheus_in_flight.app is worker.prometheus_middleware.app
     scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": [], "app": None}
     sent = call(worker.wsgi, scope)
     assert sent[0]["status"] == 204
@@ -120,3 +121,34 @@ def test_a_cancelled_request_is_counted_as_cut():
 
     asyncio.run(run())
     assert (in_flight.running, in_flight.cut) == (0, 1)
+
+
+def test_cancelled_requests_through_the_worker_stack_are_counted_as_cut(master):
+    """HTTP requests are counted by the middleware itself, websockets by InFlight behind it: both cut."""
+    started = []
+
+    async def endless(scope, receive, send):
+        started.append(scope["type"])
+        await asyncio.sleep(3600)
+
+    worker = SimpleNamespace(wsgi=endless, prometheus_slot=0, max_requests=0)
+    master.post_worker_init(worker)
+    in_flight = worker.prometheus_in_flight
+    http = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": []}
+
+    async def run():
+        tasks = [
+            asyncio.ensure_future(worker.wsgi(scope, None, None))
+            for scope in (http, dict(http), {"type": "websocket", "path": "/ws"})
+        ]
+        while len(started) < 3:
+            await asyncio.sleep(0)
+        assert in_flight.running == 3
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert results == [None, None, None]  # swallowed where counted, as InFlight does
+
+    asyncio.run(run())
+    assert (in_flight.running, in_flight.cut) == (0, 3)
+    assert worker.prometheus_middleware.requests_handled == 2
