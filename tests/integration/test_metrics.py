@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import os
 import re
@@ -16,6 +15,7 @@ import pytest
 from tests.support.apps import APP_WITH_OWN_METRICS
 from tests.support.metrics_text import http_total, promtool_check, samples, value
 from tests.support.paths import VENV_BIN
+from tests.support.requests_many import send_all
 from tests.support.server import scrape, scrape_until, write_app
 from tests.support.waiting import wait_until
 
@@ -338,25 +338,16 @@ def test_exact_counts_under_concurrent_load(server):
         "/orders/pen": "/orders/{kind}",
     }
 
-    async def run() -> None:
-        limits = httpx.Limits(max_connections=16)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
-            queue: asyncio.Queue = asyncio.Queue()
-            for i in range(total):
-                queue.put_nowait(plan[i % len(plan)])
-
-            async def worker() -> None:
-                while not queue.empty():
-                    method, path = queue.get_nowait()
-                    # Uvicorn closes a connection after an app exception: do not reuse that one
-                    headers = {"Connection": "close"} if path == "/boom" else None
-                    response = await client.request(method, path, headers=headers)
-                    key = (method, templates[path], str(response.status_code))
-                    sent[key] = sent.get(key, 0) + 1
-
-            await asyncio.gather(*(worker() for _ in range(16)))
-
-    asyncio.run(run())
+    plan_sent = [plan[i % len(plan)] for i in range(total)]
+    for method, path, status in send_all(
+        "127.0.0.1",
+        server.port,
+        plan_sent,
+        connections=16,
+        closing={"/boom"},  # Uvicorn drops those
+    ):
+        key = (method, templates[path], str(status))
+        sent[key] = sent.get(key, 0) + 1
     assert sum(sent.values()) == total + 1
     assert ("GET", "/boom", "500") in sent and ("GET", "__unknown__", "404") in sent
 
