@@ -465,3 +465,60 @@ def test_invalid_traceparent_is_ignored(value: bytes):
 def test_valid_traceparent_parses():
     parsed = instrumentation._parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     assert parsed == (0x4BF92F3577B34DA6, 0xA3CE929D0E0E4736, 0x00F067AA0BA902B7)
+
+
+def test_an_opentelemetry_span_becomes_the_exemplar_once_a_tracer_provider_is_set(tmp_path: Path):
+    """opentelemetry-api's public API only (no SDK): a current valid span gives the exemplar once a tracer
+    provider is set, even one set after the first requests (rechecked every _OTEL_RECHECK requests);
+    before that the span is not looked up (FastAPI imports the API whenever it is installed)."""
+    out = run_python(
+        """
+        import asyncio
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+        from gunicorn_prometheus import instrumentation
+        from gunicorn_prometheus.collector import MultiProcessDirCollector
+
+        instrumentation._OTEL_RECHECK = 3
+
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        async def receive():
+            return {"type": "http.request"}
+
+        async def server_send(message):
+            pass
+
+        middleware = instrumentation.PrometheusMiddleware(app, registry=None)
+        span = NonRecordingSpan(SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, False))
+
+        def exemplars():
+            reader = MultiProcessDirCollector(None)
+            return sorted(
+                s.exemplar.labels["trace_id"]
+                for family in reader.collect()
+                for s in family.samples
+                if s.exemplar is not None
+            )
+
+        def request():
+            with trace.use_span(span):
+                asyncio.run(middleware({"type": "http", "method": "GET", "path": "/", "root_path": "",
+                                        "headers": []}, receive, server_send))
+
+        request()
+        print("before", exemplars())
+        trace.set_tracer_provider(trace.NoOpTracerProvider())
+        request()
+        request()
+        print("countdown", exemplars())
+        request()
+        print("after", exemplars())
+        """,
+        multiproc_dir=tmp_path,
+    )
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert out.splitlines() == ["before []", "countdown []", f"after ['{trace_id}']"], out
