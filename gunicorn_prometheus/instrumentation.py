@@ -289,9 +289,7 @@ class PrometheusMiddleware:
         # _OTEL_RECHECK requests, the first one included.
         self._otel_provider = False
         self._otel_countdown = 0
-        # The last label set recorded and its row: (route, context, status, method, root_path, row). Most
-        # requests repeat the previous one's, and identity checks are cheaper than building and hashing
-        # the key of the _rows cache (see _observe).
+        # The last label set recorded and its row: (route, context, status, method, root_path, row).
         self._last: tuple[Any, ...] = (_NOTHING,) * 6
 
     @property
@@ -350,7 +348,48 @@ class PrometheusMiddleware:
                 # client never holds a response the metrics do not count yet. Background tasks that
                 # run after it are not part of the duration (starlette_exporter measures the same way).
                 end = _clock()
-                self._observe(scope, root_path, method, status, end - start)
+                duration = end - start
+                # Inlined (a method call costs as much as several of these lines): the row of the last
+                # request's label set if this one has the same (identity checks are cheaper than building
+                # and hashing the _rows cache's key), else through the caches; then sum, bucket, exemplar.
+                route = scope.get("route")
+                if route is None:
+                    route = scope.get("endpoint")
+                fastapi_scope = scope.get("fastapi")
+                context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
+                routed_root_path = scope.get("root_path", "")
+                last = self._last
+                if (
+                    last[0] is route
+                    and last[1] is context
+                    and last[2] == status
+                    and last[3] is method
+                    and last[4] == routed_root_path
+                ):
+                    row = last[5]
+                else:
+                    row = self._row_for(scope, root_path, method, status)
+                    self._last = (route, context, status, method, routed_root_path, row)
+                row_cells = row.cells
+                base = row.base
+                row_cells[base] += duration
+                bucket = bisect_left(self._store.upper_bounds, duration)
+                row_cells[base + 1 + bucket] += 1
+                if self._exemplars:
+                    # The exemplar's trace, if any: a plain loop is the cheapest scan (~50 ns a header;
+                    # map/itemgetter or dict() cost more for the few headers requests carry).
+                    for name, value in scope["headers"]:
+                        if name == b"traceparent":
+                            self._exemplar(_parse_traceparent(value), row, bucket, duration)
+                            break
+                    else:
+                        if self._otel is not None:
+                            if self._otel_provider:
+                                self._exemplar(_current_otel_trace(self._otel), row, bucket, duration)
+                            else:  # every request of an app that has opentelemetry-api but traces nothing
+                                self._otel_countdown -= 1
+                                if self._otel_countdown <= 0 and self._otel_provider_is_set():
+                                    self._exemplar(_current_otel_trace(self._otel), row, bucket, duration)
             return send(message)
 
         start = _clock()
@@ -374,47 +413,6 @@ class PrometheusMiddleware:
             if not status:
                 status = await _status_without_response(receive)
             self._record(scope, root_path, method, status, _clock() - start)
-
-    def _observe(self, scope: Scope, root_path: str, method: str, status: int, duration: float) -> None:
-        """Record a completed request: its row (the last one's, else through the caches), sum, bucket."""
-        route = scope.get("route")
-        if route is None:
-            route = scope.get("endpoint")
-        fastapi_scope = scope.get("fastapi")
-        context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
-        routed_root_path = scope.get("root_path", "")
-        last = self._last
-        if (
-            last[0] is route
-            and last[1] is context
-            and last[2] == status
-            and last[3] is method
-            and last[4] == routed_root_path
-        ):
-            row = last[5]
-        else:
-            row = self._row_for(scope, root_path, method, status)
-            self._last = (route, context, status, method, routed_root_path, row)
-        row_cells = row.cells
-        base = row.base
-        row_cells[base] += duration
-        bucket = bisect_left(self._store.upper_bounds, duration)
-        row_cells[base + 1 + bucket] += 1
-        if self._exemplars:
-            # The exemplar's trace, if any: a plain loop is the cheapest scan (~50 ns a header;
-            # map/itemgetter or dict() cost more for the few headers requests carry).
-            for name, value in scope["headers"]:
-                if name == b"traceparent":
-                    self._exemplar(_parse_traceparent(value), row, bucket, duration)
-                    break
-            else:
-                if self._otel is not None:
-                    if self._otel_provider:
-                        self._exemplar(_current_otel_trace(self._otel), row, bucket, duration)
-                    else:  # every request of an app that has opentelemetry-api but traces nothing
-                        self._otel_countdown -= 1
-                        if self._otel_countdown <= 0 and self._otel_provider_is_set():
-                            self._exemplar(_current_otel_trace(self._otel), row, bucket, duration)
 
     def _otel_provider_is_set(self) -> bool:
         """Whether an OpenTelemetry tracer provider is set (opentelemetry-api's public
