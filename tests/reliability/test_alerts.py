@@ -70,7 +70,9 @@ def test_crash_loop_fires_and_target_down_goes_pending(start_server, app_dir, pr
     assert crash_loop["labels"]["reason"] == "crash"
     assert crash_loop["labels"]["instance"] == target
     assert crash_loop["labels"]["severity"] == "warning"
-    assert float(crash_loop["value"]) >= 4
+    # The alert's value is increase(), which Prometheus extrapolates to the end of the window: three
+    # crashes scraped a few seconds after the first sample can already read 3.7 and fire it (seen here).
+    assert float(crash_loop["value"]) > 3
     firing = {a["labels"]["alertname"] for a in alerts(base) if a["state"] == "firing"}
     assert firing == {"GunicornWorkerCrashLoop"}, firing
 
