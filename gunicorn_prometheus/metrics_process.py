@@ -4,8 +4,11 @@ The Gunicorn master must stay single-threaded (it forks workers) and must never 
 metrics server runs in processes of its own. The master binds the metrics socket itself (so a taken port
 fails the start in one line), spawns the first peer with a fresh interpreter (no fork: nothing of the
 master is inherited but that socket and a pidfd of the master), and closes its own copies before any
-worker forks. The first peer spawns the second; from then on both serve the same listening socket (the
-kernel hands each connection to one of them) and each watches the other and the master through pidfds.
+worker forks. The first peer forks the second as soon as its imports are done, before it has a thread or
+an event loop (one interpreter start-up, not two, competing with the workers' boot); from then on both
+serve the same listening socket (the kernel hands each connection to one of them) and each watches the
+other and the master through pidfds. A replacement for a peer that died is a fresh interpreter again: the
+survivor has threads and a running loop by then, which a fork must not copy.
 
 Why peers and not a supervisor with a server below it: Gunicorn's master reaps every child it did not
 fork as a worker without telling anyone ("Reaped unknown child process" in arbiter.reap_workers) and has
@@ -22,7 +25,6 @@ processes are named `prometheus-metrics-server` (their argv[0]).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -32,12 +34,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import psutil
+from typing import TYPE_CHECKING
 
 from .multiproc_dir import state_dir
+
+if TYPE_CHECKING:
+    import asyncio
 
 PROCESS_NAME = "prometheus-metrics-server"
 SERVER_MODULE = "gunicorn_prometheus.metrics_server"
@@ -243,7 +247,28 @@ class Handoff:
         )
 
 
+def fork_second_peer(handoff: Handoff) -> tuple[Handoff, int | None]:
+    """In the first peer, before any thread or event loop exists: fork the second one.
+
+    Returns the handoff this process goes on with (now naming its partner) and, in the first peer, the
+    pid of the child it must reap. The child leaves the master's process group behind as the first peer
+    did (the group is the first peer's, made before this fork), so stopping the group stops both.
+    """
+    own_pidfd = os.pidfd_open(os.getpid())
+    pid = os.fork()
+    if pid == 0:
+        return replace(handoff, peer_pid=os.getppid(), peer_pidfd=own_pidfd), None
+    os.close(own_pidfd)
+    return replace(handoff, peer_pid=pid, peer_pidfd=os.pidfd_open(pid)), pid
+
+
+def _reaper(pid: int) -> Callable[[], int]:
+    return lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def _start_time(pid: int) -> float:
+    import psutil  # the peers' only use of it here; the master imports this module without it
+
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -264,7 +289,13 @@ class PeerKeeper:
     """In a peer's event loop: leave when the master is gone, replace the other peer when it ends."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, handoff: Handoff, directory: str, on_master_gone: Callable
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handoff: Handoff,
+        directory: str,
+        on_master_gone: Callable,
+        *,
+        peer_child: int | None = None,
     ) -> None:
         self.loop = loop
         self.handoff = handoff
@@ -274,7 +305,8 @@ class PeerKeeper:
         self.own_pidfd = os.pidfd_open(os.getpid())
         self.peer_pid: int | None = None
         self.peer_pidfd: int | None = None
-        self.peer_child: subprocess.Popen | None = None  # set when we spawned the current peer
+        # How to reap the current peer when it is our own child (the forked second peer, a spawned one)
+        self.reap_peer: Callable[[], int] | None = None if peer_child is None else _reaper(peer_child)
         self.peer_started = 0.0
         self.delay = 0.0
         self.restarts = 0
@@ -282,11 +314,11 @@ class PeerKeeper:
     def start(self) -> None:
         self.loop.add_reader(self.handoff.master_pidfd, self._master_gone)
         if self.handoff.peer_pidfd is None:
-            os.setpgid(0, 0)  # the first peer leads the group every later peer joins (see stop())
-            self._spawn()
+            self._spawn()  # no partner yet (the fork failed): a fresh one
         else:
             assert self.handoff.peer_pid is not None
-            self._watch(self.handoff.peer_pid, self.handoff.peer_pidfd, _start_time(self.handoff.peer_pid))
+            started = time.time() if self.reap_peer is not None else _start_time(self.handoff.peer_pid)
+            self._watch(self.handoff.peer_pid, self.handoff.peer_pidfd, started)
 
     def stop(self) -> None:
         """No more replacements (SIGTERM or the master gone)."""
@@ -306,8 +338,8 @@ class PeerKeeper:
         self.loop.remove_reader(self.peer_pidfd)
         os.close(self.peer_pidfd)
         self.peer_pidfd = None
-        code = self.peer_child.wait() if self.peer_child is not None else None  # reaps our own child
-        self.peer_child = None
+        code = self.reap_peer() if self.reap_peer is not None else None
+        self.reap_peer = None
         if self._stopping():
             return
         lived = time.time() - self.peer_started if self.peer_started else STABLE_AFTER
@@ -335,6 +367,6 @@ class PeerKeeper:
             log(f"cannot start a metrics server peer: {err}; retrying in {MAX_RESTART_DELAY:g} s")
             self.loop.call_later(MAX_RESTART_DELAY, self._spawn)
             return
-        self.peer_child = child
+        self.reap_peer = child.wait
         self.restarts += 1
         self._watch(child.pid, os.pidfd_open(child.pid), time.time())

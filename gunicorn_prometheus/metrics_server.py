@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gzip
 import json
 import os
@@ -276,7 +277,7 @@ def _access_settings() -> tuple[web_config.WebConfig | None, web_config.Access]:
     return config, web_config.Access(config, token_file)
 
 
-async def serve(handoff: metrics_process.Handoff, directory: str) -> None:
+async def serve(handoff: metrics_process.Handoff, directory: str, peer_child: int | None = None) -> None:
     """Serve on the inherited socket until SIGTERM or the master is gone; keep the other peer alive."""
     loop = asyncio.get_running_loop()
     config, access = _access_settings()
@@ -298,7 +299,9 @@ async def serve(handoff: metrics_process.Handoff, directory: str) -> None:
         if not done.done():
             done.set_result(None)
 
-    keeper = metrics_process.PeerKeeper(loop, handoff, directory, on_master_gone=finish)
+    keeper = metrics_process.PeerKeeper(
+        loop, handoff, directory, on_master_gone=finish, peer_child=peer_child
+    )
     loop.add_signal_handler(signal.SIGTERM, finish)
     server.start()
     keeper.start()
@@ -314,8 +317,13 @@ def main() -> int:
     if not directory or not Path(directory).is_dir():
         metrics_process.log(f"metrics directory {directory} is missing")
         return 1
+    peer_child = None
+    if handoff.peer_pidfd is None:  # the first peer, spawned by the master
+        os.setpgid(0, 0)  # it leads the group every later peer joins (see metrics_process.stop)
+        with contextlib.suppress(OSError):  # else PeerKeeper spawns a fresh partner
+            handoff, peer_child = metrics_process.fork_second_peer(handoff)
     try:
-        asyncio.run(serve(handoff, directory))
+        asyncio.run(serve(handoff, directory, peer_child))
     except (settings.ConfigError, web_config.WebConfigError) as err:
         metrics_process.log(f"metrics server cannot start: {err}")
         return 2
