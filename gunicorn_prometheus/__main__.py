@@ -36,10 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     command = args[0] if args else ""
     try:
         if command == "serve":
-            settings.current()  # before Gunicorn is imported: it reads WEB_CONCURRENCY at import
+            values = settings.current()  # before Gunicorn is imported: it reads WEB_CONCURRENCY at import
+            from . import early_start
+
+            started = early_start.start(values)  # the metrics peer boots while Gunicorn is imported
             from .application import serve
 
-            return serve(args[1:])
+            return serve(args[1:], started)
         if command == "reload":
             return _reload()
         if command == "healthcheck":

@@ -10,7 +10,8 @@ hooks with whatever the file set. A user's upstream-style `gunicorn_conf.py` tha
 keeps the metrics.
 
 Everything is checked in this one process, before Gunicorn binds or forks: no separate validation
-interpreter delays the start.
+interpreter delays the start. The metrics side is started even earlier, before Gunicorn is imported
+(see `early_start`), and stopped again if the start fails.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gunicorn.app.wsgiapp import WSGIApplication
 from gunicorn.config import Config
 from gunicorn.errors import AppImportError
 
-from . import launch
+from . import early_start, launch
 from .hooks import Master, config_error_exit
 from .settings import ConfigError, current
 
@@ -68,6 +69,10 @@ class Application(WSGIApplication):
 
     def run(self) -> None:
         self.started = True
+        if self.cfg.daemon:
+            # Gunicorn forks the master away and its first process exits: the metrics side, started
+            # before, watches that one and would leave with it. The daemon starts its own (when_ready).
+            self.master.stop_metrics()
         super().run()
 
     def check(self) -> None:
@@ -93,23 +98,32 @@ class Application(WSGIApplication):
             raise AppImportError(message) from None
 
 
-def serve(argv: list[str]) -> int:
-    """Run the master with Gunicorn's command-line arguments `argv`; returns only on a start-up error."""
+def serve(argv: list[str], started: early_start.Started | None = None) -> int:
+    """Run the master with Gunicorn's command-line arguments `argv`; returns only on a start-up error.
+
+    `started`: what `early_start` started before Gunicorn was imported. However the master ends (a
+    mistake found in the config file, Gunicorn's own exit, a normal stop), the metrics side is stopped
+    and the directory released before it exits: nothing of ours is left behind.
+    """
+    settings = current()
+    master = Master(settings, started)
     try:
-        settings = current()
-        if settings.app_dir not in sys.path:
-            sys.path.insert(0, settings.app_dir)  # the app is found from APP_DIR, wherever we start
-        args = Config().parser().parse_args(argv)
-        if args.config is None:
-            argv = ["-c", settings.conf_path, *argv]
-        launch.check_conf_file(args.config or settings.conf_path, settings, os.environ)
-        if not args.args:
-            launch.check_app(settings.app, settings, os.environ)  # names MODULE_NAME when none is found
-            argv = [*argv, str(settings.app)]
-        master = Master(settings)
-        master.prepare()
-    except ConfigError as err:
-        raise config_error_exit(err) from None
-    sys.argv = ["gunicorn", *argv]
-    Application(master, "%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").run()
+        try:
+            if settings.app_dir not in sys.path:
+                sys.path.insert(0, settings.app_dir)  # the app is found from APP_DIR, wherever we start
+            args = Config().parser().parse_args(argv)
+            if args.config is None:
+                argv = ["-c", settings.conf_path, *argv]
+            launch.check_conf_file(args.config or settings.conf_path, settings, os.environ)
+            if not args.args:
+                launch.check_app(settings.app, settings, os.environ)  # names MODULE_NAME when none is found
+                argv = [*argv, str(settings.app)]
+            master.prepare()
+        except ConfigError as err:
+            raise config_error_exit(err) from None
+        sys.argv = ["gunicorn", *argv]
+        Application(master, "%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").run()
+    finally:
+        if os.getpid() == master.pid:  # not in a worker, whose exit unwinds through here too
+            master.close()
     return 0

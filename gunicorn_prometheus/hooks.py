@@ -28,7 +28,7 @@ from prometheus_client import Counter
 
 from . import (
     asgi,
-    launch,
+    early_start,
     lifecycle,
     metrics_process,
     multiproc_dir,
@@ -101,19 +101,16 @@ def chain(ours: Callable[..., Any], theirs: Callable[..., Any] | None) -> Callab
 class Master:
     """What the master knows about its server; every hook is a bound method of it."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        start_metrics: Callable[..., metrics_process.MetricsSide] = metrics_process.start,
-    ) -> None:
+    def __init__(self, settings: Settings, started: early_start.Started | None = None) -> None:
+        """`started`: the directory lock and metrics side the master took before importing Gunicorn."""
         self.settings = settings
         self.directory = settings.multiproc_dir
         self.slots = slots.SlotTable()
-        self.supervisor: metrics_process.MetricsSide | None = None
-        self.lock_fd: int | None = None
+        self.supervisor = started.metrics if started else None
+        self.lock_fd = started.lock_fd if started else None
+        self.pid = os.getpid()  # the master's: Gunicorn's daemon mode changes it (see Application.run)
+        self.prepared = False
         self.conf_path: str | None = None
-        self._start_metrics = start_metrics
 
     @property
     def state(self) -> Path:
@@ -126,15 +123,11 @@ class Master:
         config file that imports one): metrics the app creates must find the directory and use
         slot-style names, and must not be wiped afterwards. A reload (SIGHUP) leaves the directory alone.
         """
-        if self.lock_fd is not None:
+        if self.prepared:
             return
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory
-        try:
-            self.lock_fd = multiproc_dir.prepare(self.directory)
-        except OSError as err:
-            raise ConfigError(
-                f"PROMETHEUS_MULTIPROC_DIR={self.directory!r} cannot be used: {err.strerror}"
-            ) from None
+        if self.lock_fd is None:
+            self.lock_fd = early_start.lock_directory(self.directory)
+        self.prepared = True
         slots.install_identity()
         slots.set_identity(slots.MASTER_IDENTITY)
         shared_state.count_write_errors_as(shared_state.open_table(self.directory), None)
@@ -182,17 +175,17 @@ class Master:
             print(DEPRECATED_FLUSH_INTERVAL, file=sys.stderr, flush=True)
 
     def when_ready(self, server: Any) -> None:
-        host, port = self.settings.metrics_host, self.settings.metrics_port
-        try:
-            sock = metrics_process.bind_metrics_socket(host, port)
-        except OSError as err:
-            raise config_error_exit(launch.bind_error(f"METRICS_PORT={port}", host, port, err)) from None
-        try:
-            self.supervisor = self._start_metrics(sock, master_pid=os.getpid(), directory=self.directory)
-        finally:
-            sock.close()  # before any worker forks: only the supervisor keeps the metrics socket
+        self.pid = server.pid
+        if self.supervisor is None:  # not started before Gunicorn was imported, or stopped to daemonize
+            try:
+                self.supervisor = early_start.start_metrics(self.settings)
+            except ConfigError as err:
+                raise config_error_exit(err) from None
         server.log.info(
-            "Metrics server on http://%s:%s/metrics (supervisor pid %s)", host, port, self.supervisor.pid
+            "Metrics server on http://%s:%s/metrics (pid %s)",
+            self.settings.metrics_host,
+            self.settings.metrics_port,
+            self.supervisor.pid,
         )
 
     def pre_fork(self, server: Any, worker: Any) -> None:
@@ -216,12 +209,21 @@ class Master:
             server_state.write_server(self.state, master_pid=os.getpid(), desired_workers=new_value)
 
     def on_exit(self, server: Any) -> None:
+        self.close()
+        sys.stdout.flush()
+
+    def stop_metrics(self) -> None:
+        """Stop the metrics side now (bounded); a later when_ready starts it again."""
         if self.supervisor is not None:
             metrics_process.stop(self.supervisor)
+            self.supervisor = None
+
+    def close(self) -> None:
+        """Stop the metrics side and release the directory; what the master does last, however it ends."""
+        self.stop_metrics()
         if self.lock_fd is not None:
             multiproc_dir.release(self.directory, self.lock_fd)
             self.lock_fd = None
-        sys.stdout.flush()
 
     def _reaped(self, worker: Any, reason: str) -> None:
         """Count the exit, then free the slot: its live gauges and state go before anyone reuses it."""

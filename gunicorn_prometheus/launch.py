@@ -100,8 +100,7 @@ def check_binds(binds: Sequence[str], sources: Sources, *, probe: bool = True) -
             )
         if probe:
             probe_bind(host_of(address) or "0.0.0.0", port, source)
-    if probe:
-        probe_bind(settings.metrics_host, metrics_port, f"METRICS_PORT={metrics_port}")
+    # The metrics port is not probed: the master has bound it already (see early_start).
 
 
 # Gunicorn's own worker classes that speak ASGI; every other built-in one (sync, gthread, eventlet,

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import textwrap
 
 import httpx
 import pytest
@@ -245,6 +246,43 @@ def test_metrics_port_taken_fails_in_one_line(start_server, app_dir):
         server = start_server(app_dir, METRICS_PORT=str(port), wait=None)
         logs = server.failed_start_logs()
     assert f"METRICS_PORT={port} is already in use on 127.0.0.1" in logs
+
+
+# A config file that waits until the metrics server answers (it starts before Gunicorn reads this file),
+# then makes the app's bind the metrics port: a mistake found after the metrics side is running.
+CONF_FAILING_ONCE_METRICS_ANSWER = """
+    import http.client
+    import os
+    import time
+
+    port = int(os.environ["METRICS_PORT"])
+    deadline = time.monotonic() + 30
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            connection.request("GET", "/healthz")
+            print(f"metrics answered {connection.getresponse().status}", flush=True)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+        finally:
+            connection.close()
+    bind = f"127.0.0.1:{port}"
+"""
+
+
+def test_a_start_failing_after_the_metrics_side_started_leaves_nothing_behind(start_server, app_dir):
+    write_app(app_dir)
+    (app_dir / "gunicorn_conf.py").write_text(textwrap.dedent(CONF_FAILING_ONCE_METRICS_ANSWER))
+    server = start_server(app_dir, wait=None)
+    logs = server.failed_start_logs()
+    assert "metrics answered 503" in logs  # no worker yet: the metrics side was up and serving
+    errors = [line for line in logs.splitlines() if "configuration error" in line]
+    assert len(errors) == 1 and f"port {server.metrics_port} is the metrics port" in errors[0], logs
+    assert not server.session_processes()  # stopped by the master before it exited, not after
+    assert not os.path.exists(server.env["PROMETHEUS_MULTIPROC_DIR"])  # released too
 
 
 def test_multiproc_dir_must_be_a_directory(start_server, app_dir, tmp_path):
