@@ -14,6 +14,7 @@ adapted, HTTP metrics; "serving"), worker_exit (its own exit reason).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import inspect
 import json
@@ -336,6 +337,11 @@ def _quick_uvicorn_exit(worker: Any) -> Callable[[int, Any], None]:
     `timeout_graceful_shutdown` (here QUICK_STOP_GRACE) and cancels the rest, runs the app's lifespan
     shutdown, then re-raises the signal, which the worker turns into a normal exit
     (`lifecycle.exit_cleanly_on_stop_signals`), so worker_exit and the final metrics flush run.
+
+    A Ctrl-C on a terminal reaches the workers too: each hears of one stop twice, its own SIGINT and the
+    master's SIGQUIT, in either order. Uvicorn takes a second SIGINT for a second Ctrl-C and forces the
+    exit (no lifespan shutdown, whose cancellation it logs as a traceback), so the other copy of the same
+    stop is absorbed, whichever comes second.
     """
 
     def quick_exit(signum: int, frame: Any) -> None:
@@ -344,13 +350,39 @@ def _quick_uvicorn_exit(worker: Any) -> Callable[[int, Any], None]:
         handler = signal.getsignal(signal.SIGINT)
         if not callable(handler):
             sys.exit(0)
-        if getattr(getattr(handler, "__self__", None), "should_exit", False):
-            # Already stopping: a Ctrl-C on a terminal reaches the workers too. A second SIGINT would make
-            # Uvicorn force the exit, skipping the app's lifespan shutdown (then cancelled, a traceback).
+        server = getattr(handler, "__self__", None)
+        if getattr(server, "should_exit", False):
+            # Its own SIGINT came first: Uvicorn may already wait out the longer graceful grace it read
+            # then, so what still runs is cut after QUICK_STOP_GRACE here.
+            _cut_running_requests_after(server, QUICK_STOP_GRACE)
             return
+        signal.signal(signal.SIGINT, _absorb_one_sigint(handler))  # the terminal's copy may still come
         handler(signal.SIGINT, frame)
 
     return quick_exit
+
+
+def _absorb_one_sigint(uvicorn_handler: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
+    """A SIGINT handler that ignores one SIGINT, then hands SIGINT back to Uvicorn (a real second Ctrl-C
+    still forces the exit, as Uvicorn's own "CTRL+C to force quit" says)."""
+
+    def absorb(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, uvicorn_handler)
+
+    return absorb
+
+
+def _cut_running_requests_after(server: Any, grace: float) -> None:
+    """Cancel the request tasks Uvicorn still runs after `grace` seconds, as its own grace timeout does."""
+
+    def cut() -> None:
+        for task in list(getattr(getattr(server, "server_state", None), "tasks", ())):
+            task.cancel()
+
+    try:
+        asyncio.get_running_loop().call_later(grace, cut)
+    except RuntimeError:  # not called from the worker's event loop: nothing to schedule on
+        pass
 
 
 def _hand_uvicorn_plain_sockets(worker: Any) -> None:
