@@ -14,7 +14,8 @@ queueing for a thread. A timer on the worker's own loop shows both:
 
 Why it costs nothing measurable: the request path is not touched at all. The timer runs ten times a
 second whatever the traffic and writes through prometheus_client's public API (``Histogram.observe``,
-``Gauge.set``, a few microseconds each into the worker's memory-mapped files): about 0.03 % of one core.
+``Gauge.set``, a few microseconds each into the worker's memory-mapped files): an idle worker used
+0.15 % of a core more with it than without (README, "Saturation").
 Gauges are written only when their value changed. The stall watcher thread wakes as often, reads two
 numbers and writes only during a stall.
 
