@@ -119,3 +119,10 @@ def test_table_has_one_heading_per_section():
     table = settings.markdown_table()
     for section in {s.section for s in settings.SETTINGS}:
         assert f"| **{settings.SECTION_TITLES[section]}** | | |" in table
+
+
+def test_default_buckets_are_prometheus_clients():
+    from prometheus_client import Histogram
+
+    default = settings.BY_NAME["METRICS_BUCKETS"].default
+    assert default == ",".join(str(b) for b in Histogram.DEFAULT_BUCKETS if b != float("inf"))
