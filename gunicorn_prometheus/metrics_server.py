@@ -6,7 +6,8 @@ desired come from the OS and the master's state file, and per-process CPU/memory
 
 Each of the two peer processes (metrics_process) runs this: one event loop for every connection
 (metrics_http), scrapes collected in a small pool off the loop (one collection at a time, shared by every
-request that arrived while it waited), so a slow scrape never holds up `/healthz`.
+request that arrived while it waited), so a slow scrape never holds up `/healthz`. What only `/metrics`
+needs (metrics_scrape) is imported at the first scrape, not while the workers boot.
 """
 
 from __future__ import annotations
@@ -14,36 +15,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import gzip
 import json
 import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from . import (
-    lifecycle,
-    listen_backlog,
-    metrics_process,
-    process_stats,
-    server_state,
-    settings,
-    shared_state,
-    web_config,
-)
-from .collector import MultiProcessDirCollector, add_write_errors
-from .derived import derive_request_totals
-from .metrics_health import HealthFile
+from . import metrics_process, server_state, settings, web_config
 from .metrics_http import HttpServer, Request, Response
 from .multiproc_dir import state_dir
+
+if TYPE_CHECKING:
+    from . import metrics_scrape
 
 
 def _alive(pid: int) -> bool:
@@ -77,135 +64,7 @@ class ServerView:
         }
 
 
-class ServerCollector:
-    """Every family /metrics serves: the aggregated files, the derived ones, and the OS's figures."""
-
-    def __init__(self, directory: str, master_pid: int) -> None:
-        self.files = MultiProcessDirCollector(None, directory)
-        self.view = ServerView(directory, master_pid)
-        self.files_read = 0  # by the last collect()
-        self.cpu = process_stats.CpuLedger(shared_state.open_table(directory))
-
-    def collect(self) -> Iterator[Metric]:
-        families = list(self.files.collect())  # the app's files and the HTTP cells
-        self.files_read = self.files.files_read + self.files.cell_files_read
-        yield from derive_request_totals(families)
-        yield from lifecycle.families(server_state.server_record(self.view.state))
-
-        snap = self.view.snapshot()
-        for name, doc, value in (
-            (
-                "gunicorn_workers_desired",
-                "Workers the master is configured to keep running.",
-                snap["workers_desired"],
-            ),
-            (
-                "gunicorn_workers_alive",
-                "Worker processes alive now (booting or serving).",
-                snap["workers_alive"],
-            ),
-            (
-                "gunicorn_workers_serving",
-                "Workers that loaded the app and serve requests.",
-                snap["workers_serving"],
-            ),
-            (
-                "gunicorn_master_up",
-                "1 while the Gunicorn master process is alive.",
-                int(snap["master_alive"]),
-            ),
-        ):
-            gauge = GaugeMetricFamily(name, doc)
-            gauge.add_metric([], value)
-            yield gauge
-        stats = process_stats.families(self.view.master_pid, snap["workers"], self.cpu)
-        yield from add_write_errors(stats, self.files.http_write_errors)  # the HTTP cells' own count too
-        yield from listen_backlog.families(self.view.master_pid)
-
-
 _NOT_FOUND = b"Not found: the metrics server serves /metrics and /healthz\n"
-
-
-class _Snapshot:
-    """Families already collected, in the shape prometheus_client's encoders read (a `collect()`)."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        return self.families
-
-    def describe(self) -> list[Metric]:
-        return []  # registering must not collect
-
-
-class Scrapes:
-    """Collections run in a small pool, one at a time; requests that arrive meanwhile share the next one.
-
-    So fifty simultaneous scrapes cost two collections, not fifty, each still fresher than its request.
-    """
-
-    def __init__(self, collector: ServerCollector, health: HealthFile, pool: concurrent.futures.Executor):
-        self.collector = collector
-        self.health = health
-        self.pool = pool
-        self.running: asyncio.Future | None = None
-        self.next: asyncio.Future | None = None
-
-    def _collect(self) -> list[Metric]:
-        started = time.perf_counter()
-        errors_before = self.collector.files.read_errors
-        families = list(self.collector.collect())
-        served = self.health.record(
-            duration=time.perf_counter() - started,
-            files=self.collector.files_read,
-            series=sum(len(f.samples) for f in families),
-            new_read_errors=self.collector.files.read_errors - errors_before,
-        )
-        families.extend(served.families())
-        return families
-
-    async def families(self) -> list[Metric]:
-        loop = asyncio.get_running_loop()
-        if self.running is None:
-            self.running = loop.run_in_executor(self.pool, self._collect)
-            self.running.add_done_callback(self._finished)
-            return await asyncio.shield(self.running)
-        if self.next is None:
-            self.next = loop.create_future()
-        return await asyncio.shield(self.next)
-
-    def _finished(self, _: asyncio.Future) -> None:
-        self.running = None
-        waiting, self.next = self.next, None
-        if waiting is None:
-            return
-        loop = asyncio.get_running_loop()
-        self.running = loop.run_in_executor(self.pool, self._collect)
-        self.running.add_done_callback(self._finished)
-
-        def settle(done: asyncio.Future) -> None:
-            if waiting.done():
-                return
-            if done.exception() is not None:
-                waiting.set_exception(done.exception())  # type: ignore[arg-type]
-            else:
-                waiting.set_result(done.result())
-
-        self.running.add_done_callback(settle)
-
-
-def _encode(families: list[Metric], accept: str, accept_encoding: str) -> tuple[bytes, list[tuple[str, str]]]:
-    """prometheus_client's own negotiation (text or OpenMetrics) and gzip, as its WSGI app does."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(families))
-    encoder, content_type = choose_encoder(accept)
-    body = encoder(registry)
-    headers = [("Content-Type", content_type)]
-    if gzip_accepted(accept_encoding):
-        body = gzip.compress(body, compresslevel=6)
-        headers.append(("Content-Encoding", "gzip"))
-    return body, headers
 
 
 class MetricsApp:
@@ -213,17 +72,34 @@ class MetricsApp:
 
     def __init__(
         self,
-        collector: ServerCollector,
-        scrapes: Scrapes,
+        view: ServerView,
+        directory: str,
         access: web_config.Access,
         pool: concurrent.futures.Executor,
     ) -> None:
-        self.collector = collector
-        self.scrapes = scrapes
+        self.view = view
+        self.directory = directory
         self.access = access
         self.pool = pool
         # bcrypt takes tens of ms: checked in a thread of its own, never on the loop or behind a scrape
         self.auth_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="auth")
+        self._scrapes: asyncio.Future[metrics_scrape.Scrapes] | None = None
+
+    async def scrapes(self) -> metrics_scrape.Scrapes:
+        """The /metrics machinery, imported and built in the pool at its first use (see metrics_scrape)."""
+        if self._scrapes is None:
+            self._scrapes = asyncio.get_running_loop().run_in_executor(self.pool, self._load_scrapes)
+        try:
+            return await asyncio.shield(self._scrapes)
+        except Exception:
+            self._scrapes = None  # tried again by the next request
+            raise
+
+    def _load_scrapes(self) -> metrics_scrape.Scrapes:
+        from . import metrics_scrape
+
+        collector = metrics_scrape.ServerCollector(self.directory, self.view.master_pid)
+        return metrics_scrape.Scrapes(collector, metrics_scrape.HealthFile(self.view.state), self.pool)
 
     async def allowed(self, request: Request) -> bool:
         if not self.access.required:
@@ -244,25 +120,31 @@ class MetricsApp:
             return Response(405, b"Method not allowed\n", [("Allow", "GET, HEAD")])
         path = request.path
         if path == "/healthz":
-            return self.healthz(await self.allowed(request) if self.access.required else True)
+            return await self.healthz(await self.allowed(request) if self.access.required else True)
         if not await self.allowed(request):
             return self._unauthorized()
         if path == "/metrics":
-            families = await self.scrapes.families()
+            scrapes = await self.scrapes()
+            families = await scrapes.families()
             loop = asyncio.get_running_loop()
             body, headers = await loop.run_in_executor(
-                self.pool, _encode, families, request.header("accept"), request.header("accept-encoding")
+                self.pool,
+                scrapes.encode,
+                families,
+                request.header("accept"),
+                request.header("accept-encoding"),
             )
             return Response(200, body, headers)
         return Response(404, _NOT_FOUND, [("Content-Type", "text/plain")])
 
-    def healthz(self, detail: bool) -> Response:
-        snap = self.collector.view.snapshot()
+    async def healthz(self, detail: bool) -> Response:
+        snap = self.view.snapshot()
         healthy = snap["master_alive"] and snap["workers_serving"] >= 1
         shown = {"status": "ok" if healthy else "unavailable"}
         if detail:
             # the same total as gunicorn_metrics_write_errors_total: the HTTP cells keep their own count
-            snap["metrics_write_errors"] += int(self.collector.files.http_write_errors_now())
+            scrapes = await self.scrapes()
+            snap["metrics_write_errors"] += int(scrapes.collector.files.http_write_errors_now())
             shown.update({k: v for k, v in snap.items() if k != "workers"})
         return Response(
             200 if healthy else 503, json.dumps(shown).encode(), [("Content-Type", "application/json")]
@@ -282,9 +164,7 @@ async def serve(handoff: metrics_process.Handoff, directory: str, peer_child: in
     loop = asyncio.get_running_loop()
     config, access = _access_settings()
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scrape")
-    collector = ServerCollector(directory, handoff.master_pid)
-    scrapes = Scrapes(collector, HealthFile(state_dir(directory)), pool)
-    app = MetricsApp(collector, scrapes, access, pool)
+    app = MetricsApp(ServerView(directory, handoff.master_pid), directory, access, pool)
     listener = socket.socket(fileno=handoff.listen_fd)
     server = HttpServer(
         listener,
