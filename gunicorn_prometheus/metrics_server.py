@@ -7,7 +7,7 @@ desired come from the OS and the master's state file, and per-process CPU/memory
 Each of the two peer processes (metrics_process) runs this: one event loop for every connection
 (metrics_http), scrapes collected in a small pool off the loop (one collection at a time, shared by every
 request that arrived while it waited), so a slow scrape never holds up `/healthz`. What only `/metrics`
-needs (metrics_scrape) is imported at the first scrape, not while the workers boot.
+needs (metrics_scrape) is imported in the pool once the peer serves, not before it answers.
 """
 
 from __future__ import annotations
@@ -95,6 +95,11 @@ class MetricsApp:
             self._scrapes = None  # tried again by the next request
             raise
 
+    async def warm_up(self) -> None:
+        """Build the /metrics machinery ahead of the first request (see serve); a failure is retried then."""
+        with contextlib.suppress(Exception):
+            await self.scrapes()
+
     def _load_scrapes(self) -> metrics_scrape.Scrapes:
         from . import metrics_scrape
 
@@ -143,8 +148,10 @@ class MetricsApp:
         shown = {"status": "ok" if healthy else "unavailable"}
         if detail:
             # the same total as gunicorn_metrics_write_errors_total: the HTTP cells keep their own count
-            scrapes = await self.scrapes()
-            snap["metrics_write_errors"] += int(scrapes.collector.files.http_write_errors_now())
+            # (left out if the machinery cannot be built: /healthz answers whatever the directory's state)
+            with contextlib.suppress(Exception):
+                scrapes = await self.scrapes()
+                snap["metrics_write_errors"] += int(scrapes.collector.files.http_write_errors_now())
             shown.update({k: v for k, v in snap.items() if k != "workers"})
         return Response(
             200 if healthy else 503, json.dumps(shown).encode(), [("Content-Type", "application/json")]
@@ -185,7 +192,18 @@ async def serve(handoff: metrics_process.Handoff, directory: str, peer_child: in
     loop.add_signal_handler(signal.SIGTERM, finish)
     server.start()
     keeper.start()
+    # The /metrics machinery is imported lazily (metrics_scrape), but built now, in the pool, not at the
+    # first request: what it opens in the directory (the shared table's mapping) must be opened while the
+    # directory is there. A peer that first built it after an `rm -rf` of the directory answered 500
+    # to every /healthz and /metrics (tests/reliability/test_storage_faults.py).
+    warm_up = loop.create_task(app.warm_up())
     await done
+    # Stopping already: a later SIGTERM (the master sends one to the group and one to its child) must not
+    # land between asyncio closing its self-pipe and removing its handler, which logged "Exception ignored
+    # when trying to write to the signal wakeup fd" with a traceback (asyncio closes in that order).
+    loop.remove_signal_handler(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    warm_up.cancel()
     server.close()
     pool.shutdown(wait=False, cancel_futures=True)
 

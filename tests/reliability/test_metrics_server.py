@@ -192,9 +192,21 @@ def test_thousands_of_idle_and_slow_connections(start_server, app_dir, tmp_path,
         peers = _peers(server)
         threads = max(p.num_threads() for p in peers)
         growth = max(p.memory_info().rss - before.get(p.pid, 0) for p in peers)
-        held = sum(
-            1 for p in peers for c in p.net_connections() if c.laddr and c.laddr.port == server.metrics_port
-        )
+
+        def held_now() -> int:
+            return sum(
+                1
+                for p in peers
+                for c in p.net_connections()
+                if c.laddr and c.laddr.port == server.metrics_port
+            )
+
+        # Each peer holds at most its cap (512, or the open-files limit less a reserve), plus the listener,
+        # once it has caught up with the connections made above: a peer at its cap closes the longest-idle
+        # connection for each new one, and an aborted connection's socket is closed on the loop's next
+        # turn, so a read in the middle of an accept batch can find a few more (1030 seen once).
+        cap = 2 * (512 + 1)
+        held = wait_until(lambda: (n := held_now()) <= cap and n, 10, f"at most {cap} connections held")
 
         healthz = wait_until(lambda: _timed(server, "/healthz"), 10, "/healthz", ignore=(OSError,))
         metrics = wait_until(lambda: _timed(server, "/metrics"), 10, "/metrics", ignore=(OSError,))
@@ -203,8 +215,6 @@ def test_thousands_of_idle_and_slow_connections(start_server, app_dir, tmp_path,
             sock.close()
     assert threads <= 6, threads
     assert growth < 64 * 2**20, growth
-    # each peer holds at most its cap (512, or the open-files limit less a reserve), plus the listener
-    assert held <= 2 * (512 + 1), held
     figures.record(
         connections=IDLE,
         open_files_limit=nofile or "default",
