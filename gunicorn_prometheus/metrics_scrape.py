@@ -1,8 +1,9 @@
 """What only `GET /metrics` needs: the collection of every family, and its encoding.
 
-Imported by each metrics peer at its first scrape, not at its start: prometheus_client and our
-collectors are most of a peer's imports, and a peer starts while the workers boot, on the same cores
-(issue 12: start-up time). `/healthz` needs none of it.
+Imported by each metrics peer in its scrape pool once it serves, not before it answers: prometheus_client
+and our collectors are most of a peer's imports, and a peer starts while the workers boot, on the same
+cores (issue 12: start-up time). `/healthz` answers without it; with detail, it adds the HTTP cells'
+write errors read through it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from .metrics_server import ServerView
 class ServerCollector:
     """Every family /metrics serves: the aggregated files, the derived ones, and the OS's figures."""
 
-    def __init__(self, directory: str, master_pid: int) -> None:
+    def __init__(self, directory: str, view: ServerView) -> None:
         self.files = MultiProcessDirCollector(None, directory)
-        self.view = ServerView(directory, master_pid)
+        self.view = view  # the peer's own, shared with /healthz
         self.files_read = 0  # by the last collect()
         self.cpu = process_stats.CpuLedger(shared_state.open_table(directory))
 

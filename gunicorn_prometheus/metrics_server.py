@@ -103,7 +103,7 @@ class MetricsApp:
     def _load_scrapes(self) -> metrics_scrape.Scrapes:
         from . import metrics_scrape
 
-        collector = metrics_scrape.ServerCollector(self.directory, self.view.master_pid)
+        collector = metrics_scrape.ServerCollector(self.directory, self.view)
         return metrics_scrape.Scrapes(collector, metrics_scrape.HealthFile(self.view.state), self.pool)
 
     async def allowed(self, request: Request) -> bool:
