@@ -16,8 +16,8 @@ Why it costs nothing measurable: the request path is not touched at all. The tim
 second whatever the traffic and writes through prometheus_client's public API (``Histogram.observe``,
 ``Gauge.set``, a few microseconds each into the worker's memory-mapped files): an idle worker used
 0.15 % of a core more with it than without (README, "Saturation").
-Gauges are written only when their value changed. The stall watcher thread wakes as often, reads two
-numbers and writes only during a stall.
+Gauges are written only when their value changed. The stall watcher thread wakes once a second
+(``STALL_WATCH_INTERVAL``), reads two numbers and writes only during a stall.
 
 How it starts on the worker's loop: Uvicorn workers create their event loop only after the
 ``post_worker_init`` hook returns, and Gunicorn has no hook that runs on the loop. Uvicorn does call one
@@ -51,6 +51,12 @@ SAMPLE_INTERVAL = 0.1
 #: Seconds the worst-lag gauge looks back: the 15 s scrape interval of deploy/ and k8s/, so a scrape at
 #: that interval misses no stall.
 MAX_WINDOW = 15
+#: Seconds between two looks of the stall watcher thread. Not SAMPLE_INTERVAL: every wake-up of a Python
+#: thread takes the GIL from the busy event loop, which then waits until the OS runs the watcher (on a
+#: shared CPU, until other processes' time slices end). At 10 Hz that cost 1.8-2.6 % of a loaded worker's
+#: requests/s in bench/throughput (co-scheduled mode, 2026-11-27); once a second it is within the noise,
+#: and a stall still shows within a second while it lasts, far inside a 15 s scrape interval.
+STALL_WATCH_INTERVAL = 1.0
 # Uvicorn's choice (uvicorn/_compat.py): asyncio's also knows the markers older code sets; 3.14 deprecates it.
 _iscoroutinefunction = (
     inspect.iscoroutinefunction if sys.version_info >= (3, 14) else asyncio.iscoroutinefunction
@@ -111,11 +117,13 @@ class LoopMonitor:
         process: str,
         *,
         interval: float = SAMPLE_INTERVAL,
+        watch_interval: float = STALL_WATCH_INTERVAL,
         window: int = MAX_WINDOW,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.process = process
         self.interval = interval
+        self.watch_interval = watch_interval
         self.window = window
         self.registry = registry
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -186,7 +194,7 @@ class LoopMonitor:
         loop, figures, interval = self.loop, self._figures, self.interval
         assert loop is not None and figures is not None
         while not loop.is_closed():
-            time.sleep(interval)
+            time.sleep(self.watch_interval)
             if not loop.is_running():
                 continue  # not started yet, or between runs
             stall = time.monotonic() - self._due_monotonic
