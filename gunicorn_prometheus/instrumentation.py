@@ -280,8 +280,9 @@ class PrometheusMiddleware:
         #   -> (route, context, row)
         self._rows: dict[tuple[str, int, int, int, str], tuple[Any, Any, cells.HistogramRow]] = {}
         self._templates: dict[tuple[str, int, int, str], tuple[Any, Any, str]] = {}
-        # method -> (method label, its in-progress cell); only known methods and OTHER_METHOD are keys
-        self._gauges: dict[str, tuple[str, cells.GaugeCell]] = {}
+        # method -> (method label, its in-progress cell's view and index); only known methods and
+        # OTHER_METHOD are keys
+        self._gauges: dict[str, tuple[str, memoryview[float], int]] = {}
         self._exemplars = exemplars
         # An app that uses OpenTelemetry has imported it by the time the worker wraps it.
         self._otel = sys.modules.get("opentelemetry.trace") if exemplars else None
@@ -305,14 +306,15 @@ class PrometheusMiddleware:
             return True
         return self._skip_regex is not None and self._skip_regex.fullmatch(path) is not None
 
-    def _gauge(self, method: str) -> tuple[str, cells.GaugeCell]:
+    def _gauge(self, method: str) -> tuple[str, memoryview[float], int]:
         """The method label and in-progress cell of a method not seen yet (any unknown one: _OTHER)."""
         if method not in KNOWN_METHODS:
             method = OTHER_METHOD
             known = self._gauges.get(method)
             if known is not None:
                 return known
-        entry = self._gauges[method] = (method, self._store.writer.in_progress((method, self.app_name)))
+        cell = self._store.writer.in_progress((method, self.app_name))
+        entry = self._gauges[method] = (method, cell.cells, cell.index)
         return entry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -328,18 +330,27 @@ class PrometheusMiddleware:
         entry = self._gauges.get(scope["method"])
         if entry is None:
             entry = self._gauge(scope["method"])
-        method, gauge = entry
-        gauge_cells, gauge_index = gauge.cells, gauge.index
+        method, gauge_cells, gauge_index = entry
         gauge_cells[gauge_index] += 1
         in_flight = self._in_flight
         if in_flight is not None:
             in_flight.running += 1
         status = 0
         end = 0.0
+        start = _clock()
 
-        def send_status(message: Message) -> Awaitable[None]:
-            # A plain function returning send's awaitable: no extra coroutine per message. It closes over
-            # few names on purpose: each is a cell the request allocates.
+        # A plain function returning send's awaitable: no extra coroutine per message. What it only reads
+        # is bound as default values, not closed over: each name closed over is a cell object the request
+        # allocates (and the garbage collector tracks), so only the two it writes are cells.
+        def send_status(
+            message: Message,
+            send: Send = send,
+            scope: Scope = scope,
+            self: PrometheusMiddleware = self,
+            method: str = method,
+            root_path: str = root_path,
+            start: float = start,
+        ) -> Awaitable[None]:
             nonlocal status, end
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -392,7 +403,6 @@ class PrometheusMiddleware:
                                     self._exemplar(_current_otel_trace(self._otel), row, bucket, duration)
             return send(message)
 
-        start = _clock()
         try:
             await self.app(scope, receive, send_status)
         except asyncio.CancelledError:
