@@ -48,17 +48,20 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 def test_a_blocked_loop_shows_as_lag(loop_name: str) -> None:
     registry = CollectorRegistry()
     monitor = loop_monitor.LoopMonitor("w0", registry=registry)
+    late_before: list[float] = []
 
     async def main() -> None:
         await wait_for(lambda: (value(registry, names.EVENT_LOOP_LAG + "_count") or 0) >= 3)
-        assert above(registry, "0.05") == 0  # an idle loop: no lag worth the name
+        # Counted, not assumed to be 0: on a loaded machine (the parallel suite) an idle loop's timer
+        # can run late too, when the OS does not schedule the process for a while.
+        late_before.append(above(registry, "0.1"))
         time.sleep(0.2)  # blocks the loop, as a sync call in an async route does
         await asyncio.sleep(0)
-        await wait_for(lambda: above(registry, "0.1") >= 1, timeout=1.0)
+        await wait_for(lambda: above(registry, "0.1") > late_before[0], timeout=1.0)
 
     run(loop_name, main, monitor)
-    assert above(registry, "0.1") == 1
-    assert 0.1 <= value(registry, names.EVENT_LOOP_LAG_MAX) <= 0.5
+    assert above(registry, "0.1") >= late_before[0] + 1
+    assert (value(registry, names.EVENT_LOOP_LAG_MAX) or 0.0) >= 0.1
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -93,7 +96,7 @@ def test_a_stall_shows_while_it_lasts(loop_name: str) -> None:
 
     run(loop_name, main, monitor)
     assert seen_during and seen_during[0] < loop_monitor.STALL_WATCH_INTERVAL + 0.5, seen_during
-    assert above(registry, "0.5") == 1  # then the timer's own sample of the whole stall
+    assert above(registry, "0.5") >= 1  # then the timer's own sample of the whole stall
 
 
 def test_the_worst_lag_leaves_the_gauge_after_its_window() -> None:
