@@ -135,9 +135,26 @@ def test_healthcheck_fails_while_the_metrics_side_is_down(start_server, app_dir)
         peer.suspend()  # neither can see the other die
     for peer in peers:
         peer.kill()
-    wait_until(lambda: _metrics_status(server) is None, 5, "the metrics port closed")
-    assert server.get("/").status_code == 200
-    assert _healthcheck(server) == 1
+    # "Closed" is proven by binding the port ourselves (it fails while a listener holds it), and the bound
+    # socket keeps the port number from another test of the parallel suite meanwhile: a metrics server of
+    # that test's on the freed port once answered this test's probe (CI, 2026-11-27).
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT
+
+    def port_closed_and_reserved() -> bool:
+        try:
+            reserved.bind(("127.0.0.1", server.metrics_port))
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_until(port_closed_and_reserved, 5, "the metrics port closed")
+        assert _metrics_status(server) is None
+        assert server.get("/").status_code == 200
+        assert _healthcheck(server) == 1
+    finally:
+        reserved.close()
 
 
 def _healthcheck(server) -> int:
