@@ -53,9 +53,10 @@ SAMPLE_INTERVAL = 0.1
 MAX_WINDOW = 15
 #: Seconds between two looks of the stall watcher thread. Not SAMPLE_INTERVAL: every wake-up of a Python
 #: thread takes the GIL from the busy event loop, which then waits until the OS runs the watcher (on a
-#: shared CPU, until other processes' time slices end). At 10 Hz that cost 1.8-2.6 % of a loaded worker's
-#: requests/s in bench/throughput (co-scheduled mode, 2026-11-27); once a second it is within the noise,
-#: and a stall still shows within a second while it lasts, far inside a 15 s scrape interval.
+#: shared CPU, until other processes' time slices end). Sampling cost 1.8-2.6 % of a loaded worker's
+#: requests/s in bench/throughput with the thread at 10 Hz (2026-11-27); removing the thread altogether
+#: gave back about 0.5 % of it. Once a second, a stall still shows within a second while it lasts, far
+#: inside a 15 s scrape interval.
 STALL_WATCH_INTERVAL = 1.0
 # Uvicorn's choice (uvicorn/_compat.py): asyncio's also knows the markers older code sets; 3.14 deprecates it.
 _iscoroutinefunction = (
