@@ -149,12 +149,26 @@ def test_healthcheck_fails_while_the_metrics_side_is_down(start_server, app_dir)
         return True
 
     try:
-        wait_until(port_closed_and_reserved, 5, "the metrics port closed")
+        port = server.metrics_port
+        wait_until(port_closed_and_reserved, 5, "the metrics port closed", details=lambda: _listeners(port))
         assert _metrics_status(server) is None
         assert server.get("/").status_code == 200
         assert _healthcheck(server) == 1
     finally:
         reserved.close()
+
+
+def _listeners(port: int) -> str:
+    """Who holds a listening socket on `port`: a failure's diagnosis."""
+    found = []
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            try:
+                process = psutil.Process(conn.pid)
+                found.append(f"pid {conn.pid} ppid {process.ppid()} {process.status()} {process.cmdline()}")
+            except (psutil.Error, TypeError):
+                found.append(f"pid {conn.pid}")
+    return "listening on the port: " + ("; ".join(found) or "nobody")
 
 
 def _healthcheck(server) -> int:
