@@ -15,6 +15,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from .instrumentation import REQUEST_DURATION, REQUESTS_TOTAL
+from .names import EVENT_LOOP_LAG_MAX
+from .shared_state import slot_name
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,34 @@ def derive_request_totals(
             families.append(request_totals(family, counter))
             break
     return families
+
+
+def with_stalls_in_progress(
+    metric_families: list[Metric], workers: dict[int, dict], now: float
+) -> list[Metric]:
+    """Raise each serving worker's worst-lag sample to the stall of its event loop so far, if larger.
+
+    A worker's loop timer reports a stall only once the loop runs again, so the worker publishes when
+    its timer is due next (``loop_due``, on ``time.monotonic()``'s clock, in the shared table): past that,
+    ``now - loop_due`` is how long the loop has not run its callbacks. Deriving it here costs the worker
+    nothing (no thread to take its GIL) and is exact at the moment of the scrape. ``workers`` is
+    :func:`gunicorn_prometheus.server_state.workers` (live workers only).
+    """
+    stalls = {
+        slot_name(slot): now - info["loop_due"]
+        for slot, info in workers.items()
+        if info.get("serving") and 0.0 < info.get("loop_due", 0.0) < now
+    }
+    if not stalls:
+        return metric_families
+    for family in metric_families:
+        if family.name == EVENT_LOOP_LAG_MAX:
+            for index, sample in enumerate(family.samples):
+                stall = stalls.get(sample.labels.get("process", ""))
+                if stall is not None and stall > sample.value:
+                    family.samples[index] = sample._replace(value=stall)
+            break
+    return metric_families
 
 
 class DerivedCollector(Collector):

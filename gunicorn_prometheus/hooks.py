@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import inspect
 import json
 import os
@@ -281,7 +282,9 @@ class Master:
         if self.settings.values.get("METRICS_SATURATION", True):
             from . import loop_monitor
 
-            loop_monitor.install(worker, slots.slot_identity(worker.prometheus_slot))
+            slot = worker.prometheus_slot
+            publish_due = functools.partial(server_state.write_loop_due, self.state, slot)
+            loop_monitor.install(worker, slots.slot_identity(slot), publish_due)
         server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=True)
 
     def worker_exit(self, server: Any, worker: Any) -> None:

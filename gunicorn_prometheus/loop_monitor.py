@@ -6,8 +6,9 @@ queueing for a thread. A timer on the worker's own loop shows both:
 - **lag**: every ``SAMPLE_INTERVAL`` (0.1 s) the timer notes when it was due; when it runs, the delay
   since then is how long every other callback on that loop had to wait too. Observed into a histogram
   labelled by worker slot, and the worst of the last ``MAX_WINDOW`` seconds into a gauge. The timer can
-  only report a stall once it is over, so a small thread raises that gauge to the stall so far while one
-  lasts (a loop stuck for a minute shows at the next scrape, not after the minute).
+  only report a stall once it is over, so it also publishes when it is due next (in the worker's slot of
+  the shared table): the metrics server raises that gauge to the stall so far at scrape time, so a loop
+  stuck for a minute shows at the next scrape, not after the minute.
 - **thread pool** (only when the app imported ``anyio``, as Starlette and FastAPI do): tokens in use and
   the limit of AnyIO's default thread limiter, where Starlette runs ``def`` routes (40 tokens unless the
   app changes it), and how many tasks wait for a token.
@@ -17,8 +18,9 @@ traffic and writes through prometheus_client's public API (``Histogram.observe``
 microseconds each into the worker's memory-mapped files): an idle worker used 0.15 % of a core more with
 it than without. Under full load bench/throughput measured 0-2.3 % of requests/s, more than those
 microseconds explain (README, "Saturation").
-Gauges are written only when their value changed. The stall watcher thread wakes once a second
-(``STALL_WATCH_INTERVAL``), reads two numbers and writes only during a stall.
+Gauges are written only when their value changed. No thread of its own: an earlier version had one
+watch for stalls once a second, and every wake-up of a Python thread takes the GIL from the busy loop
+(it cost about 0.7 % of a loaded worker's requests/s in bench/throughput, 2026-11-27).
 
 How it starts on the worker's loop: Uvicorn workers create their event loop only after the
 ``post_worker_init`` hook returns, and Gunicorn has no hook that runs on the loop. Uvicorn does call one
@@ -34,7 +36,6 @@ import asyncio
 import inspect
 import logging
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -52,13 +53,6 @@ SAMPLE_INTERVAL = 0.1
 #: Seconds the worst-lag gauge looks back: the 15 s scrape interval of deploy/ and k8s/, so a scrape at
 #: that interval misses no stall.
 MAX_WINDOW = 15
-#: Seconds between two looks of the stall watcher thread. Not SAMPLE_INTERVAL: every wake-up of a Python
-#: thread takes the GIL from the busy event loop, which then waits until the OS runs the watcher (on a
-#: shared CPU, until other processes' time slices end). Sampling cost 1.8-2.6 % of a loaded worker's
-#: requests/s in bench/throughput with the thread at 10 Hz (2026-11-27); removing the thread altogether
-#: gave back about 0.5 % of it. Once a second, a stall still shows within a second while it lasts, far
-#: inside a 15 s scrape interval.
-STALL_WATCH_INTERVAL = 1.0
 # Uvicorn's choice (uvicorn/_compat.py): asyncio's also knows the markers older code sets; 3.14 deprecates it.
 _iscoroutinefunction = (
     inspect.iscoroutinefunction if sys.version_info >= (3, 14) else asyncio.iscoroutinefunction
@@ -119,14 +113,16 @@ class LoopMonitor:
         process: str,
         *,
         interval: float = SAMPLE_INTERVAL,
-        watch_interval: float = STALL_WATCH_INTERVAL,
         window: int = MAX_WINDOW,
         registry: CollectorRegistry | None = None,
+        publish_due: Callable[[float], None] | None = None,
     ) -> None:
         self.process = process
         self.interval = interval
-        self.watch_interval = watch_interval
         self.window = window
+        #: Told when the pending timer is due, on time.monotonic()'s clock, so another process can tell a
+        #: stall in progress (the worker's slot in the shared table, which the master clears on reaping it).
+        self.publish_due = publish_due
         self.registry = registry
         self.loop: asyncio.AbstractEventLoop | None = None
         self._figures: _Figures | None = None
@@ -139,7 +135,6 @@ class LoopMonitor:
         self._threadpool_written: tuple[float, float, float] | None = None
         self._offset = 0.0
         self._reported_failure = False
-        self._due_monotonic = 0.0  # when the pending timer is due, on time.monotonic()'s clock
 
     @property
     def started(self) -> bool:
@@ -162,8 +157,6 @@ class LoopMonitor:
             self._offset = float("nan")
         self._second = int(loop.time())
         self._arm()
-        if self._offset == self._offset:  # the watcher needs the loop's clock on time.monotonic()'s
-            threading.Thread(target=self._watch_stalls, name="loop-stall-watch", daemon=True).start()
 
     def _now(self) -> float:
         if self._offset != self._offset:  # NaN: the loop's own clock
@@ -175,8 +168,14 @@ class LoopMonitor:
         loop = self.loop
         assert loop is not None
         due = loop.time() + self.interval
-        self._due_monotonic = due + self._offset
         loop.call_at(due, self._tick, due)
+        # Only on time.monotonic()'s clock (NaN offset: the loop has a clock of its own) is the due time
+        # comparable in another process.
+        if self.publish_due is not None and self._offset == self._offset:
+            try:
+                self.publish_due(due + self._offset)
+            except Exception:  # a metrics fault costs the stall-in-progress figure, never the loop
+                self._report_failure()
 
     def _tick(self, due: float) -> None:
         try:
@@ -184,27 +183,6 @@ class LoopMonitor:
         except Exception:  # a metrics fault costs samples, never the loop's other callbacks or a log flood
             self._report_failure()
         self._arm()
-
-    def _watch_stalls(self) -> None:
-        """Thread: while the loop is stalled, raise the worst-lag gauge to the stall so far.
-
-        Writes only during a stall longer than the sampling interval, and only above what the gauge holds;
-        the timer's own sample (at least as large) takes over when the loop runs again. The thread gets
-        the GIL from a loop blocked in Python code within ``sys.getswitchinterval()`` (5 ms), and at once
-        from one blocked in I/O or ``time.sleep``.
-        """
-        loop, figures, interval = self.loop, self._figures, self.interval
-        assert loop is not None and figures is not None
-        while not loop.is_closed():
-            time.sleep(self.watch_interval)
-            if not loop.is_running():
-                continue  # not started yet, or between runs
-            stall = time.monotonic() - self._due_monotonic
-            if stall > interval and stall > self._lag_max_written:
-                try:
-                    figures.lag_max.set(stall)
-                except Exception:
-                    self._report_failure()
 
     def _report_failure(self) -> None:
         if not self._reported_failure:
@@ -312,14 +290,14 @@ class _PassThrough(StartOnFirstCall):
         return self.app(scope, receive, send)
 
 
-def install(worker: Any, process: str) -> LoopMonitor:
+def install(worker: Any, process: str, publish_due: Callable[[float], None] | None = None) -> LoopMonitor:
     """Monitor this worker's event loop; called from the ``post_worker_init`` hook.
 
     Gunicorn's native ``asgi`` worker already has its loop (``worker.loop``): the timer is armed on it
     directly. Uvicorn workers create theirs later: their heartbeat callback starts it (see the module
     docstring). Any other worker's app is wrapped in :class:`StartOnFirstCall`.
     """
-    monitor = LoopMonitor(process)
+    monitor = LoopMonitor(process, publish_due=publish_due)
     loop = getattr(worker, "loop", None)
     config: Any = getattr(worker, "config", None)
     if isinstance(loop, asyncio.AbstractEventLoop):

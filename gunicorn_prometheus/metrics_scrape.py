@@ -20,7 +20,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from . import lifecycle, listen_backlog, process_stats, server_state, shared_state
 from .collector import MultiProcessDirCollector, add_write_errors
-from .derived import derive_request_totals
+from .derived import derive_request_totals, with_stalls_in_progress
 from .metrics_health import HealthFile
 from .metrics_server import ServerView
 
@@ -37,10 +37,11 @@ class ServerCollector:
     def collect(self) -> Iterator[Metric]:
         families = list(self.files.collect())  # the app's files and the HTTP cells
         self.files_read = self.files.files_read + self.files.cell_files_read
+        snap = self.view.snapshot()
+        families = with_stalls_in_progress(families, snap["workers"], time.monotonic())
         yield from derive_request_totals(families)
         yield from lifecycle.families(server_state.server_record(self.view.state))
 
-        snap = self.view.snapshot()
         for name, doc, value in (
             (
                 "gunicorn_workers_desired",

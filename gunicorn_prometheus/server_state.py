@@ -69,10 +69,19 @@ def clear_worker(state: Path, slot: int) -> None:
         return
     record = table.worker(slot)
     table.write_worker(slot, WorkerRecord(write_errors=record.write_errors))
+    table.write_loop_due(slot, 0.0)
+
+
+def write_loop_due(state: Path, slot: int, due: float) -> None:
+    """Written by a worker's loop monitor at every sample (0.0 once its loop is gone)."""
+    table = _table(state)
+    if table is not None and slot < MAX_SLOTS:
+        table.write_loop_due(slot, due)
 
 
 def workers(state: Path) -> dict[int, dict]:
-    """Slot -> {"pid", "serving"} for every worker not yet reaped (it may have died a moment ago)."""
+    """Slot -> {"pid", "serving", "loop_due"} for every worker not yet reaped (it may have died a moment
+    ago); ``loop_due`` is when its event-loop timer is due (``time.monotonic()``), 0.0 when none is armed."""
     table = _table(state)
     if table is None:
         return {}
@@ -80,7 +89,8 @@ def workers(state: Path) -> dict[int, dict]:
     for slot in table.used_slots():
         record = table.worker(slot)
         if record.phase != Phase.EMPTY and record.pid > 0:
-            found[slot] = {"pid": record.pid, "serving": record.phase == Phase.SERVING}
+            serving = record.phase == Phase.SERVING
+            found[slot] = {"pid": record.pid, "serving": serving, "loop_due": table.loop_due(slot)}
     return found
 
 

@@ -20,7 +20,9 @@ at start-up, before any worker exists:
 Layout (little-endian, 8-byte fields): a 256-byte header with the master's record and the metrics
 side's own (CPU totals it served, its processes' CPU), then ``MAX_SLOTS`` slot records of 128 bytes: the
 worker's part (pid, phase, exit reason, write errors), the master's part (pid of the last reaped holder,
-the CPU of all reaped holders, reaps) and the metrics side's part (the slot's CPU it last served).
+the CPU of all reaped holders, reaps), the metrics side's part (the slot's CPU it last served) and the
+worker's event-loop timer (when its next sample is due, on CLOCK_MONOTONIC, which every process of the
+machine reads alike: the metrics server derives a stall in progress from it at scrape time).
 This module owns the layout, the slot names (``w<slot>``) and the exit reasons; nothing else formats them.
 """
 
@@ -74,6 +76,7 @@ METRICS_SIDE_PROCESSES = 4  # two peers serve at once; room for replacements bef
 _WORKER = (0, struct.Struct("<qqqq"))  # pid, phase, exit reason (index + 1, 0: none), write_errors
 _REAPED = (48, struct.Struct("<qdq"))  # last reaped pid, CPU of reaped holders, reaps
 _LEDGER = (80, struct.Struct("<d"))  # CPU served for the slot
+_LOOP = (96, struct.Struct("<d"))  # when the worker's loop timer is due (time.monotonic()), 0: none armed
 _SEQ = struct.Struct("<Q")
 TABLE_SIZE = _HEADER_SIZE + MAX_SLOTS * _SLOT_SIZE
 
@@ -81,7 +84,8 @@ assert len(MAGIC) <= _MASTER[0] and _MASTER[0] + 8 + _MASTER[1].size <= _METRICS
 assert _METRICS[0] + 8 + _METRICS[1].size <= _HEADER_SIZE
 assert _WORKER[0] + 8 + _WORKER[1].size <= _REAPED[0]
 assert _REAPED[0] + 8 + _REAPED[1].size <= _LEDGER[0]
-assert _LEDGER[0] + 8 + _LEDGER[1].size <= _SLOT_SIZE
+assert _LEDGER[0] + 8 + _LEDGER[1].size <= _LOOP[0]
+assert _LOOP[0] + 8 + _LOOP[1].size <= _SLOT_SIZE
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,13 @@ class Table:
     def write_ledger(self, slot: int, record: LedgerRecord) -> None:
         offset = self._slot_offset(slot, _LEDGER)
         self._write(offset, _LEDGER[1], record.served_cpu)
+
+    def loop_due(self, slot: int) -> float:
+        """When the slot's worker's event-loop timer is due (``time.monotonic()``); 0.0: none armed."""
+        return float(self._read(self._slot_offset(slot, _LOOP), _LOOP[1])[0])
+
+    def write_loop_due(self, slot: int, due: float) -> None:
+        self._write(self._slot_offset(slot, _LOOP), _LOOP[1], due)
 
     @contextlib.contextmanager
     def metrics_side_lock(self) -> Iterator[None]:

@@ -7,7 +7,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from gunicorn_prometheus.derived import DerivedCollector, derive_request_totals, request_totals
+from gunicorn_prometheus import names
+from gunicorn_prometheus.derived import (
+    DerivedCollector,
+    derive_request_totals,
+    request_totals,
+    with_stalls_in_progress,
+)
 from tests.support.child import run_python
 
 LABELS = ["method", "path", "status_code", "app_name"]
@@ -113,3 +119,37 @@ def test_on_multiprocess_collector_output(tmp_path: Path):
         """
     out = run_python(reader, str(directory), multiproc_dir=directory)
     assert 'starlette_requests_total{app_name="app",method="GET",path="/a",status_code="200"} 6.0' in out
+
+
+def lag_max_families(values: dict[str, float]) -> list[Metric]:
+    registry = CollectorRegistry()
+    gauge = Gauge(names.EVENT_LOOP_LAG_MAX, "worst lag", ["process"], registry=registry)
+    for process, value in values.items():
+        gauge.labels(process).set(value)
+    return list(registry.collect())
+
+
+def lag_max(families: list[Metric]) -> dict[str, float]:
+    (family,) = [f for f in families if f.name == names.EVENT_LOOP_LAG_MAX]
+    return {sample.labels["process"]: sample.value for sample in family.samples}
+
+
+def test_a_stall_in_progress_raises_the_worst_lag_of_its_worker_only():
+    now = 1000.0
+    workers = {
+        0: {"pid": 10, "serving": True, "loop_due": now - 2.5},  # stalled for 2.5 s so far
+        1: {"pid": 11, "serving": True, "loop_due": now + 0.05},  # its timer is not due yet: healthy
+        2: {"pid": 12, "serving": True, "loop_due": 0.0},  # no timer armed (not started, or exited)
+        3: {"pid": 13, "serving": False, "loop_due": now - 9.0},  # still booting: not a stall
+        4: {"pid": 14, "serving": True, "loop_due": now - 0.2},  # late, but less than its recorded worst
+    }
+    recorded = {"w0": 0.004, "w1": 0.003, "w2": 0.002, "w3": 0.001, "w4": 0.9}
+    families = with_stalls_in_progress(lag_max_families(recorded), workers, now)
+    assert lag_max(families) == {**recorded, "w0": 2.5}
+
+
+def test_no_stall_leaves_the_families_as_they_were():
+    families = lag_max_families({"w0": 0.01})
+    workers = {0: {"pid": 10, "serving": True, "loop_due": 5.0}}
+    assert lag_max(with_stalls_in_progress(families, workers, 4.0)) == {"w0": 0.01}
+    assert with_stalls_in_progress([], workers, 6.0) == []  # no gauge yet: nothing to raise

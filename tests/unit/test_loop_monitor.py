@@ -66,37 +66,42 @@ def test_a_blocked_loop_shows_as_lag(loop_name: str) -> None:
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_stall_shows_while_it_lasts(loop_name: str) -> None:
-    """The timer reports a stall only once it is over; the worst-lag gauge shows it meanwhile."""
+    """The timer reports a stall only once it is over; meanwhile the due time it published stays in the
+    past, so another process reading it (the metrics server) sees the stall grow as it lasts."""
     import threading
 
     registry = CollectorRegistry()
-    monitor = loop_monitor.LoopMonitor("w0", registry=registry)
-    seen_during: list[float] = []
+    published: list[float] = []
+    monitor = loop_monitor.LoopMonitor("w0", registry=registry, publish_due=published.append)
+    stall_seen: list[float] = []
+    healthy: list[float] = []
     stalled = threading.Event()
-    done = threading.Event()
 
-    def watch() -> None:
+    def watch() -> None:  # another thread reading what was published, as a scrape would
         stalled.wait(5)
-        while not done.is_set():
-            current = value(registry, names.EVENT_LOOP_LAG_MAX) or 0.0
-            if current >= 0.3:
-                seen_during.append(current)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            stall = time.monotonic() - published[-1]
+            if stall >= 0.3:
+                stall_seen.append(stall)
                 return
             time.sleep(0.01)
 
     async def main() -> None:
         await wait_for(lambda: (value(registry, names.EVENT_LOOP_LAG + "_count") or 0) >= 2)
+        healthy.append(time.monotonic() - published[-1])
         reader = threading.Thread(target=watch)
         reader.start()
         stalled.set()
-        # The loop is stuck; the gauge must rise before this ends (the watcher looks once a second).
-        time.sleep(loop_monitor.STALL_WATCH_INTERVAL + 0.5)
-        done.set()
+        time.sleep(0.6)  # the loop is stuck; the stall must be visible before this ends
+        stall_seen.append(-1.0)  # the end of the stall, if the reader saw nothing before it
         reader.join()
 
     run(loop_name, main, monitor)
-    assert seen_during and seen_during[0] < loop_monitor.STALL_WATCH_INTERVAL + 0.5, seen_during
+    assert stall_seen[0] >= 0.3, stall_seen
     assert above(registry, "0.5") >= 1  # then the timer's own sample of the whole stall
+    assert healthy and healthy[0] < 0.3, healthy  # no stall seen before there was one
+    assert len(published) >= 3 and published == sorted(published)  # one due time per sample
 
 
 def test_the_worst_lag_leaves_the_gauge_after_its_window() -> None:

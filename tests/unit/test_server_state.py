@@ -1,0 +1,30 @@
+"""The slot facts the workers and the master leave for the metrics server, on a real mapped table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gunicorn_prometheus import server_state, shared_state
+from gunicorn_prometheus.multiproc_dir import state_dir
+from gunicorn_prometheus.shared_state import LedgerRecord, ReapedRecord
+
+
+def test_a_workers_loop_due_time_is_reported_and_cleared_when_it_is_reaped(tmp_path: Path) -> None:
+    (tmp_path / shared_state.STATE_DIR).mkdir()
+    shared_state.forget(tmp_path)
+    table = shared_state.create(tmp_path)
+    state = state_dir(str(tmp_path))
+    try:
+        server_state.mark_worker(state, 3, 4242, serving=True)
+        table.write_reaped(3, ReapedRecord(last_pid=7, cpu_seconds=1.5, reaps=1))
+        table.write_ledger(3, LedgerRecord(served_cpu=2.5))
+        server_state.write_loop_due(state, 3, 1234.5)
+        assert server_state.workers(state) == {3: {"pid": 4242, "serving": True, "loop_due": 1234.5}}
+        # Its own place in the slot: the other parts keep their values.
+        assert table.reaped(3) == ReapedRecord(7, 1.5, 1) and table.ledger(3) == LedgerRecord(2.5)
+        assert table.loop_due(2) == table.loop_due(4) == 0.0
+
+        server_state.clear_worker(state, 3)  # the master reaped it: a stale due time is no stall
+        assert table.loop_due(3) == 0.0 and server_state.workers(state) == {}
+    finally:
+        shared_state.forget(tmp_path)
