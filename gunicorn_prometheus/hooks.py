@@ -283,7 +283,10 @@ class Master:
             from . import loop_monitor
 
             slot = worker.prometheus_slot
-            publish_due = functools.partial(server_state.write_loop_due, self.state, slot)
+            table = shared_state.open_table(self.directory)  # looked up once: published 10 times a second
+            publish_due = None
+            if table is not None and slot < shared_state.MAX_SLOTS:
+                publish_due = functools.partial(table.write_loop_due, slot)
             loop_monitor.install(worker, slots.slot_identity(slot), publish_due)
         server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=True)
 

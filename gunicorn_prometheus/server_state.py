@@ -72,13 +72,6 @@ def clear_worker(state: Path, slot: int) -> None:
     table.write_loop_due(slot, 0.0)
 
 
-def write_loop_due(state: Path, slot: int, due: float) -> None:
-    """Written by a worker's loop monitor at every sample (0.0 once its loop is gone)."""
-    table = _table(state)
-    if table is not None and slot < MAX_SLOTS:
-        table.write_loop_due(slot, due)
-
-
 def workers(state: Path) -> dict[int, dict]:
     """Slot -> {"pid", "serving", "loop_due"} for every worker not yet reaped (it may have died a moment
     ago); ``loop_due`` is when its event-loop timer is due (``time.monotonic()``), 0.0 when none is armed."""

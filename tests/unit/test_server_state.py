@@ -18,7 +18,7 @@ def test_a_workers_loop_due_time_is_reported_and_cleared_when_it_is_reaped(tmp_p
         server_state.mark_worker(state, 3, 4242, serving=True)
         table.write_reaped(3, ReapedRecord(last_pid=7, cpu_seconds=1.5, reaps=1))
         table.write_ledger(3, LedgerRecord(served_cpu=2.5))
-        server_state.write_loop_due(state, 3, 1234.5)
+        table.write_loop_due(3, 1234.5)  # by the worker's loop monitor, 10 times a second
         assert server_state.workers(state) == {3: {"pid": 4242, "serving": True, "loop_due": 1234.5}}
         # Its own place in the slot: the other parts keep their values.
         assert table.reaped(3) == ReapedRecord(7, 1.5, 1) and table.ledger(3) == LedgerRecord(2.5)
