@@ -20,7 +20,8 @@ it than without. Under full load bench/throughput measured 0-2.3 % of requests/s
 microseconds explain (README, "Saturation").
 Gauges are written only when their value changed. No thread of its own: an earlier version had one
 watch for stalls once a second, and every wake-up of a Python thread takes the GIL from the busy loop
-(it cost about 0.7 % of a loaded worker's requests/s in bench/throughput, 2026-11-27).
+(bench/throughput, 2026-11-27: about 0.7 % of a loaded worker's requests/s in one run, within the noise
+in the next).
 
 How it starts on the worker's loop: Uvicorn workers create their event loop only after the
 ``post_worker_init`` hook returns, and Gunicorn has no hook that runs on the loop. Uvicorn does call one
