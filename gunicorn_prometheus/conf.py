@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,24 @@ def upstream_config_line(settings: Settings, workers: int, limit: cpu.CpuLimit) 
     return line
 
 
+PLAIN_GUNICORN_WARNING = (
+    "gunicorn-prometheus: warning: this configuration is loaded by a plain `gunicorn` command, which runs "
+    "none of our hooks: no metrics server, no HTTP metrics. Start Gunicorn as `python -m gunicorn_prometheus "
+    "serve` with the same arguments (what /start.sh does)."
+)
+
+
+def under_plain_gunicorn() -> bool:
+    """Whether a Gunicorn master other than ours is loading this configuration.
+
+    A user's own CMD (``gunicorn -c /gunicorn_conf.py main:app``, as some upstream users write) serves
+    the app without any of our metrics, silently unless we say so. Our master imports
+    `gunicorn_prometheus.application` before it reads a config file; `python /gunicorn_conf.py` imports
+    no Gunicorn at all.
+    """
+    return "gunicorn.app.base" in sys.modules and "gunicorn_prometheus.application" not in sys.modules
+
+
 def gunicorn_settings(*, print_config: bool = True) -> dict[str, Any]:
     """Gunicorn's settings for this environment; prints upstream's JSON line (as upstream's file does).
 
@@ -78,6 +97,8 @@ def gunicorn_settings(*, print_config: bool = True) -> dict[str, Any]:
     )
     if print_config:
         print(json.dumps(upstream_config_line(settings, workers, limit)), flush=True)
+    if under_plain_gunicorn():
+        print(PLAIN_GUNICORN_WARNING, file=sys.stderr, flush=True)
     return {
         "bind": [settings.effective_bind],
         "workers": workers,

@@ -7,6 +7,8 @@ loopback, parses the printed JSON config and counts worker processes from the OS
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,9 +17,9 @@ import textwrap
 import psutil
 import pytest
 
-from gunicorn_prometheus import cpu, settings
+from gunicorn_prometheus import conf, cpu, settings
 from tests.support.net import free_port
-from tests.support.paths import REPO
+from tests.support.paths import REPO, VENV_BIN
 from tests.support.server import clean_environ, write_app
 from tests.support.waiting import wait_until
 
@@ -643,3 +645,36 @@ def test_invalid_value_is_one_line_naming_it_and_a_nonzero_exit(tmp_path, variab
     assert errors[0].startswith(f"gunicorn-prometheus: configuration error: {variable}"), output
     assert repr(value) in errors[0] or value in errors[0], output
     assert expected in errors[0], output
+
+
+def test_a_plain_gunicorn_command_says_it_runs_without_metrics(app_dir, tmp_path):
+    """A user's own CMD with plain `gunicorn -c /gunicorn_conf.py` serves the app but none of our hooks run:
+    the config file says so in one line, instead of the metrics silently not being there."""
+    write_app(app_dir)
+    port = free_port()
+    env = clean_environ()
+    env.update(HOST="127.0.0.1", PORT=str(port), WEB_CONCURRENCY="1", LOG_LEVEL="warning")
+    env.update(PROMETHEUS_MULTIPROC_DIR=str(tmp_path), PYTHONPATH=str(app_dir))
+    log = tmp_path / "plain.log"
+    with log.open("wb") as out:
+        command = [str(VENV_BIN / "gunicorn"), "-k", "uvicorn_worker.UvicornWorker"]
+        command += ["-c", str(REPO / "gunicorn_conf.py"), "main:app"]
+        proc = subprocess.Popen(
+            command, cwd=app_dir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until(lambda: _answers(port), 30, "the app under plain gunicorn")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    said = [line for line in log.read_text().splitlines() if line.startswith("gunicorn-prometheus: warning")]
+    assert said == [conf.PLAIN_GUNICORN_WARNING]
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
