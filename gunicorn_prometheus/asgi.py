@@ -34,30 +34,26 @@ def as_asgi3(app: Any) -> Any:
 
 
 class InFlight:
-    """Outermost wrapper of a worker's app: how many requests are running, and how many a stop cut.
+    """Outermost wrapper of a worker's app: how many requests a stop cut.
 
     Uvicorn cancels the requests still running when its graceful-shutdown timeout ends (set just below
     GRACEFUL_TIMEOUT by the worker hook, so the worker exits normally instead of being SIGKILLed by the
     master); a cancelled request ends here with CancelledError, which is counted in `cut` and not passed
     on: the worker is stopping, the request is lost either way, and Uvicorn would log a traceback for
     each (the worker logs one line with the count instead). Uvicorn cancels a request task only then.
-    Two integer updates per request: the only cost, outside the HTTP instrumentation so it covers
+    Nothing is counted on a request's normal path; it sits outside the HTTP instrumentation so it covers
     websockets too.
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.running = 0
         self.cut = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        self.running += 1
         try:
             await self.app(scope, receive, send)
         except asyncio.CancelledError:
             self.cut += 1
-        finally:
-            self.running -= 1

@@ -248,9 +248,9 @@ class PrometheusMiddleware:
     bucket they land in.
 
     ``in_flight``: the worker's :class:`gunicorn_prometheus.asgi.InFlight` around the same app. The
-    middleware then does its counting for HTTP requests itself (running requests, and requests a stop
-    cut, whose cancellation ends here as it would in InFlight), and hands everything else (websockets,
-    lifespan, skipped paths) to it: one layer on the request path instead of two.
+    middleware then counts the HTTP requests a stop cut itself (their cancellation ends here as it would
+    in InFlight), and hands everything else (websockets, lifespan, skipped paths) to it: one layer on the
+    request path instead of two.
     """
 
     def __init__(
@@ -333,8 +333,6 @@ class PrometheusMiddleware:
         method, gauge_cells, gauge_index = entry
         gauge_cells[gauge_index] += 1
         in_flight = self._in_flight
-        if in_flight is not None:
-            in_flight.running += 1
         status = 0
         end = 0.0
         start = _clock()
@@ -417,8 +415,6 @@ class PrometheusMiddleware:
             raise
         finally:
             gauge_cells[gauge_index] -= 1  # cancelled requests too: no longer in progress
-            if in_flight is not None:
-                in_flight.running -= 1
         if not end:  # the app returned without completing a response
             if not status:
                 status = await _status_without_response(receive)

@@ -92,7 +92,7 @@ def test_worker_init_adapts_an_asgi2_app_and_instruments_it(master):
     sent = call(worker.wsgi, scope)
     assert sent[0]["status"] == 204
     assert worker.prometheus_middleware.requests_handled == 1
-    assert (worker.prometheus_in_flight.running, worker.prometheus_in_flight.cut) == (0, 0)
+    assert worker.prometheus_in_flight.cut == 0
 
 
 def test_worker_init_without_instrumentation_still_adapts_asgi2(tmp_path):
@@ -115,12 +115,11 @@ def test_a_cancelled_request_is_counted_as_cut():
     async def run():
         task = asyncio.ensure_future(in_flight({"type": "http"}, None, None))
         await asyncio.sleep(0)
-        assert in_flight.running == 1
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(run())
-    assert (in_flight.running, in_flight.cut) == (0, 1)
+    assert in_flight.cut == 1
 
 
 def test_cancelled_requests_through_the_worker_stack_are_counted_as_cut(master):
@@ -143,12 +142,11 @@ def test_cancelled_requests_through_the_worker_stack_are_counted_as_cut(master):
         ]
         while len(started) < 3:
             await asyncio.sleep(0)
-        assert in_flight.running == 3
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert results == [None, None, None]  # swallowed where counted, as InFlight does
 
     asyncio.run(run())
-    assert (in_flight.running, in_flight.cut) == (0, 3)
+    assert in_flight.cut == 3
     assert worker.prometheus_middleware.requests_handled == 2
