@@ -73,10 +73,19 @@ class MultiProcessDirCollector(Collector):
     metric files are ignored and files that are missing, empty or corrupt are skipped instead of failing.
     """
 
-    def __init__(self, registry: CollectorRegistry | None, path: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        registry: CollectorRegistry | None,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        missing_ok: bool = False,
+    ):
+        """``missing_ok``: a directory that does not exist (yet, or any more) collects no files instead of
+        failing here; the metrics server's, whose directory can be removed under a running server while
+        /metrics must go on answering with what does not live in files."""
         if path is None:
             path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if not path or not os.path.isdir(path):
+        if not path or not (os.path.isdir(path) or (missing_ok and not os.path.exists(path))):
             raise ValueError("env PROMETHEUS_MULTIPROC_DIR is not set or not a directory")
         self._path = os.fspath(path)
         # Files already reported as unreadable: a corrupt file would otherwise log on every scrape.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from pathlib import Path
 
@@ -82,6 +83,23 @@ def test_requires_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         MultiProcessDirCollector(None)
     with pytest.raises(ValueError):
         MultiProcessDirCollector(None, str(tmp_path / "missing"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError):
+        MultiProcessDirCollector(None, str(tmp_path / "a-file"), missing_ok=True)
+
+
+def test_the_metrics_servers_collector_is_built_and_collects_after_the_directory_is_removed(
+    tmp_path: Path,
+) -> None:
+    """A metrics peer may build its /metrics machinery after an `rm -rf` of the directory: it must still
+    collect what does not live in files (here: its own process figures), not fail every scrape."""
+    from gunicorn_prometheus.metrics_scrape import ServerCollector
+    from gunicorn_prometheus.metrics_server import ServerView
+
+    removed = str(tmp_path / "removed")
+    collector = ServerCollector(removed, ServerView(removed, os.getpid()))
+    names = {family.name for family in collector.collect()}
+    assert "gunicorn_master_up" in names and collector.files_read == 0
 
 
 @pytest.mark.parametrize(
