@@ -30,7 +30,8 @@ class ServerCollector:
 
     def __init__(self, directory: str, view: ServerView) -> None:
         # Built in a peer's first seconds, which an `rm -rf` of the directory can precede: that must not
-        # make every /metrics a 500 (CI, test_directory_removed_under_load, 1 of 3 fresh-clone runs, 2026-11-27).
+        # make every /metrics a 500 (CI, test_directory_removed_under_load, 1 of 3 fresh-clone runs on
+        # 2026-11-27).
         self.files = MultiProcessDirCollector(None, directory, missing_ok=True)
         self.view = view  # the peer's own, shared with /healthz
         self.files_read = 0  # by the last collect()
