@@ -6,6 +6,7 @@ loopback, parses the printed JSON config and counts worker processes from the OS
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from gunicorn_prometheus import conf, cpu, settings
+from tests.support.containers import http_get
 from tests.support.net import free_port
 from tests.support.paths import REPO, VENV_BIN
 from tests.support.server import clean_environ, write_app
@@ -673,8 +675,6 @@ def test_a_plain_gunicorn_command_says_it_runs_without_metrics(app_dir, tmp_path
 
 def _answers(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return sock.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
+        return http_get(port, timeout=2).status == 200
+    except (OSError, http.client.HTTPException):
         return False
