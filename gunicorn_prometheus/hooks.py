@@ -57,6 +57,7 @@ HOOK_NAMES = (
     "worker_exit",
     "child_exit",
     "nworkers_changed",
+    "pre_exec",
     "on_exit",
 )
 
@@ -209,6 +210,20 @@ class Master:
     def nworkers_changed(self, server: Any, new_value: int, old_value: int | None) -> None:
         if old_value is not None:
             server_state.write_server(self.state, master_pid=os.getpid(), desired_workers=new_value)
+
+    def pre_exec(self, server: Any) -> None:
+        """Refuse USR2's re-exec, in the child Gunicorn forks for it, before it execs a new master.
+
+        A new master could take neither the metrics port nor the directory this one holds (both are its
+        until it exits), and Gunicorn would re-exec `gunicorn`, not `python -m gunicorn_prometheus serve`:
+        it would fail with a confusing error. One clear line instead; this master goes on serving, and
+        Gunicorn forgets the child when it exits. Nothing of the master's is cleaned up by this child.
+        """
+        server.log.warning(
+            "USR2 (upgrade by re-executing the master) is not supported by gunicorn-prometheus: this master "
+            "goes on serving; restart the server to upgrade it"
+        )
+        os._exit(1)
 
     def on_exit(self, server: Any) -> None:
         self.close()

@@ -180,3 +180,22 @@ def test_reload_keeps_serving(start_server, app_dir):
     wait_until(lambda: [p.pid for p in server.workers()] not in ([], [first]), 30, "a new worker")
     wait_until(lambda: server.metrics_get("/healthz").status_code == 200, 30, "the new worker serving")
     assert server.get("/").json() == {"Hello": "World"}
+
+
+def test_usr2_re_exec_is_refused_in_one_line_and_the_master_goes_on(start_server, app_dir):
+    """Gunicorn's USR2 upgrade cannot hand over the metrics port and directory: one clear warning (not
+    Python's "can't open file .../gunicorn" from a re-exec of the wrong command), the re-exec child is
+    gone, and the same master, workers and metrics go on serving."""
+    write_app(app_dir)
+    server = start_server(app_dir, WEB_CONCURRENCY="1")
+    server.wait_metrics_ready()
+    before = {p.pid for p in server.master().children()}
+    server.master().send_signal(signal.SIGUSR2)
+    wait_until(lambda: "USR2 (upgrade by re-executing the master) is not supported" in server.logs(), 30,
+               "the refusal in the log")  # fmt: skip
+    wait_until(lambda: {p.pid for p in server.master().children()} == before, 30, "no child but the old ones")
+    assert server.proc.poll() is None
+    assert server.get("/").json() == {"Hello": "World"}
+    assert server.metrics_get("/healthz").status_code == 200
+    assert "can't open file" not in server.logs()
+    assert server.logs().count("Starting gunicorn") == 1
