@@ -9,15 +9,13 @@ python -m gunicorn_prometheus settings-table              # the README's environ
 from __future__ import annotations
 
 import os
+import signal
 import sys
-
-from . import settings
-from .settings import ConfigError
 
 
 def _reload() -> int:
     """Validate, then become `uvicorn --reload` on HOST/PORT/LOG_LEVEL (no Gunicorn, no metrics)."""
-    from . import launch
+    from . import launch, settings
 
     values = settings.current()
     launch.check_reload(values)
@@ -32,6 +30,10 @@ def _reload() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here, not at the top: a Ctrl-C during these imports ends as one too (see the bottom).
+    from . import settings
+    from .settings import ConfigError
+
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else ""
     try:
@@ -61,4 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C before Gunicorn has its own handlers (while modules or the config file load): what was
+        # started is stopped on the way out (application.serve). End as SIGINT would, without a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)

@@ -199,3 +199,20 @@ def test_usr2_re_exec_is_refused_in_one_line_and_the_master_goes_on(start_server
     assert server.metrics_get("/healthz").status_code == 200
     assert "can't open file" not in server.logs()
     assert server.logs().count("Starting gunicorn") == 1
+
+
+def test_ctrl_c_while_the_master_starts_ends_it_without_a_traceback(start_server, app_dir, tmp_path):
+    """A Ctrl-C that comes before Gunicorn has its own handlers (here: while the master runs a slow
+    config file, after the metrics side has started) ends the start as SIGINT does, with no traceback,
+    and nothing it started is left running."""
+    write_app(app_dir)
+    marker = tmp_path / "config-file-running"
+    conf = tmp_path / "slow_conf.py"
+    conf.write_text(f"import pathlib\nimport time\n\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(60)\n")
+    server = start_server(app_dir, wait=None, GUNICORN_CONF=str(conf))
+    wait_until(marker.exists, 30, "the master running the config file")
+    wait_until(lambda: len(server.metrics_peers()) == 2, 30, "the metrics side started")
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(15) == -signal.SIGINT, server.logs()
+    assert "Traceback" not in server.logs(), server.logs()
+    server.wait_all_gone()
