@@ -15,8 +15,11 @@ How they are read, by the metrics server and without any help from the master or
 - if netlink is not available (a sandbox that filters it): the queue length from ``/proc/<master>/net/tcp``
   and ``tcp6``, read only down to the first connection (the kernel lists listening sockets first).
 
-Written by hand because neither psutil nor prometheus_client reads either figure. Unix-socket binds are not
-reported.
+Unix-socket binds (``BIND=unix:/run/app.sock``, behind a proxy on the same host) are read the same way from
+a ``unix_diag`` dump of the listening Unix sockets (``ss -lx``), which has both figures too; they have no
+fallback (``/proc/net/unix`` has neither) and are then not reported.
+
+Written by hand because neither psutil nor prometheus_client reads either figure.
 """
 
 from __future__ import annotations
@@ -46,11 +49,21 @@ _REQUEST = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext
 # inet_diag_msg: family, state, timer, retrans; sockid: sport, dport (network order), src[16], dst[16],
 # if, cookie[8]; then expires, rqueue, wqueue, uid, inode
 _MESSAGE = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+# <linux/unix_diag.h>: unix_diag_req (family, protocol, pad, states, inode, show, cookie[2]) asking for the
+# name and the queue lengths; unix_diag_msg (family, type, state, pad, inode, cookie[2]), then attributes
+_UNIX_REQUEST = struct.Struct("=BBHIII8x")
+_UDIAG_SHOW_NAME = 0x01
+_UDIAG_SHOW_RQLEN = 0x10
+_UNIX_MESSAGE = struct.Struct("=BBBxI8x")
+_RTATTR = struct.Struct("=HH")  # length (header included), type
+_UNIX_DIAG_NAME = 0
+_UNIX_DIAG_RQLEN = 4  # for a listening socket: connections queued, and the queue's limit
+_RQLEN = struct.Struct("=II")
 
 
 @dataclass(frozen=True)
 class Listener:
-    address: str  # "127.0.0.1:8000", "[::]:80"
+    address: str  # "127.0.0.1:8000", "[::]:80", "unix:/run/app.sock"
     queued: int  # connections in the accept queue now
     limit: int | None  # the most it holds (more are dropped or refused); None when it cannot be read
 
@@ -79,9 +92,8 @@ def _address(family: int, host: bytes, port: int) -> str:
     return f"[{ipaddress.IPv6Address(host)}]:{port}"
 
 
-def _diag_listeners(family: int) -> Iterator[tuple[int, Listener]]:
-    """(inode, listener) for every TCP socket of ``family`` in LISTEN state in this network namespace."""
-    request = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
+def _diag_dump(request: bytes) -> Iterator[memoryview]:
+    """The payload of each message of a sock_diag dump answering ``request``."""
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(2.0)  # the kernel answers at once; never hang a scrape on it
@@ -96,15 +108,47 @@ def _diag_listeners(family: int) -> Iterator[tuple[int, Listener]]:
                 if kind == _NLMSG_ERROR:
                     (errno,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
                     raise OSError(-errno, "sock_diag request refused")
-                if length < _NLMSGHDR.size + _MESSAGE.size:
-                    raise ValueError(f"short sock_diag message ({length} bytes)")
-                fields = _MESSAGE.unpack_from(data, offset + _NLMSGHDR.size)
-                msg_family, sport, src = fields[0], int.from_bytes(fields[4], "big"), fields[6]
-                rqueue, wqueue, inode = fields[11], fields[12], fields[14]
-                yield inode, Listener(_address(msg_family, src, sport), rqueue, wqueue)
+                if length < _NLMSGHDR.size or offset + length > len(data):
+                    raise ValueError(f"malformed sock_diag message ({length} bytes)")
+                yield memoryview(data)[offset + _NLMSGHDR.size : offset + length]
                 offset += (length + 3) & ~3  # NLMSG_ALIGN
             if not data:
                 return
+
+
+def _diag_listeners(family: int) -> Iterator[tuple[int, Listener]]:
+    """(inode, listener) for every TCP socket of ``family`` in LISTEN state in this network namespace."""
+    for payload in _diag_dump(_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)):
+        if len(payload) < _MESSAGE.size:
+            raise ValueError(f"short sock_diag message ({len(payload)} bytes)")
+        fields = _MESSAGE.unpack_from(payload)
+        msg_family, sport, src = fields[0], int.from_bytes(fields[4], "big"), fields[6]
+        rqueue, wqueue, inode = fields[11], fields[12], fields[14]
+        yield inode, Listener(_address(msg_family, src, sport), rqueue, wqueue)
+
+
+def _unix_listeners() -> Iterator[tuple[int, Listener]]:
+    """(inode, listener) for every listening Unix socket in this network namespace, named ``unix:<path>``
+    (``unix:@name`` for an abstract one)."""
+    show = _UDIAG_SHOW_NAME | _UDIAG_SHOW_RQLEN
+    for payload in _diag_dump(_UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0, show)):
+        if len(payload) < _UNIX_MESSAGE.size:
+            raise ValueError(f"short unix_diag message ({len(payload)} bytes)")
+        inode = _UNIX_MESSAGE.unpack_from(payload)[3]
+        name, lengths = None, None
+        offset = _UNIX_MESSAGE.size
+        while offset + _RTATTR.size <= len(payload):
+            length, kind = _RTATTR.unpack_from(payload, offset)
+            if length < _RTATTR.size:
+                break
+            value = bytes(payload[offset + _RTATTR.size : offset + length])
+            if kind == _UNIX_DIAG_NAME:
+                name = value.rstrip(b"\0") if not value.startswith(b"\0") else b"@" + value[1:]
+            elif kind == _UNIX_DIAG_RQLEN and len(value) >= _RQLEN.size:
+                lengths = _RQLEN.unpack_from(value)
+            offset += (length + 3) & ~3  # RTA_ALIGN
+        if name is not None and lengths is not None:
+            yield inode, Listener("unix:" + name.decode(errors="replace"), lengths[0], lengths[1])
 
 
 def _proc_listeners(pid: int, proc: str) -> Iterator[tuple[int, Listener]]:
@@ -131,7 +175,7 @@ def _proc_listeners(pid: int, proc: str) -> Iterator[tuple[int, Listener]]:
 
 
 def listeners(pid: int, proc: str = "/proc") -> list[Listener]:
-    """The TCP sockets in LISTEN state that process ``pid`` holds, with their accept queues."""
+    """The TCP and Unix sockets in LISTEN state that process ``pid`` holds, with their accept queues."""
     wanted = socket_inodes(pid, proc)
     if not wanted:
         return []
@@ -141,6 +185,10 @@ def listeners(pid: int, proc: str = "/proc") -> list[Listener]:
         ]
     except (OSError, ValueError, struct.error):
         everything = list(_proc_listeners(pid, proc))
+    try:
+        everything += _unix_listeners()
+    except (OSError, ValueError, struct.error):
+        pass  # no fallback for Unix sockets: not reported
     return sorted((listener for inode, listener in everything if inode in wanted), key=lambda x: x.address)
 
 

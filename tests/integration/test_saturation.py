@@ -219,6 +219,23 @@ def test_connections_wait_in_the_listen_backlog_while_every_worker_is_busy(start
     scrape_until(server, lambda t: value(t, names.LISTEN_BACKLOG, **listener) == 0, "the backlog drained")
 
 
+def test_a_unix_socket_bind_reports_its_backlog_too(start_server, app_dir, tmp_path):
+    path = tmp_path / "app.sock"
+    write_app(app_dir)
+    server = start_server(app_dir, wait=None, BIND=f"unix:{path}", WEB_CONCURRENCY="1")
+    server.wait_metrics_ready()
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as client:
+        assert client.get("http://app/").json() == {"Hello": "World"}
+    listener = {"listener": f"unix:{path}"}
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    text = scrape(server)
+    assert value(text, names.LISTEN_BACKLOG, **listener) == 0
+    assert value(text, names.LISTEN_BACKLOG_LIMIT, **listener) == min(2048, somaxconn)  # Gunicorn's default
+    assert [key for key in samples(text) if key[0] == names.LISTEN_BACKLOG] == [
+        (names.LISTEN_BACKLOG, tuple(listener.items()))
+    ]
+
+
 @pytest.mark.parametrize("worker_class", ["uvicorn_worker.UvicornWorker", "asgi"])
 def test_a_pure_asgi_app_gets_lag_figures(start_server, app_dir, tmp_path, worker_class):
     server = start(start_server, app_dir, tmp_path, PURE_ASGI_APP, WORKER_CLASS=worker_class)

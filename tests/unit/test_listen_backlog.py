@@ -93,3 +93,25 @@ def test_families(sockets: list[socket.socket]) -> None:
     assert (queued.name, limit.name) == (names.LISTEN_BACKLOG, names.LISTEN_BACKLOG_LIMIT)
     assert [(s.labels, s.value) for s in queued.samples] == [(label, 2)]
     assert [(s.labels, s.value) for s in limit.samples] == [(label, 9)]
+
+
+def test_unix_sockets_are_listeners_too(sockets: list[socket.socket], tmp_path: Path) -> None:
+    """BIND=unix:... (behind a proxy on the same host): the same two figures, from unix_diag."""
+    path = str(tmp_path / "app.sock")
+    abstract = f"gp-test-{os.getpid()}"
+    for name, backlog in ((path, 6), ("\0" + abstract, 4)):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sockets.append(sock)
+        sock.bind(name)
+        sock.listen(backlog)
+    for _ in range(2):  # never accepted
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sockets.append(client)
+        client.connect(path)
+
+    found = {x.address: x for x in listen_backlog.listeners(os.getpid())}
+
+    assert found == {
+        f"unix:{path}": listen_backlog.Listener(f"unix:{path}", 2, 6),
+        f"unix:@{abstract}": listen_backlog.Listener(f"unix:@{abstract}", 0, 4),
+    }
