@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .multiproc_dir import state_dir
+from .shared_state import table_path
 
 if TYPE_CHECKING:
     import asyncio
@@ -55,7 +56,8 @@ ENV_MASTER_PID = "PROMETHEUS_METRICS_MASTER_PID"
 ENV_MASTER_PIDFD = "PROMETHEUS_METRICS_MASTER_PIDFD"
 ENV_PEER_PID = "PROMETHEUS_METRICS_PEER_PID"
 ENV_PEER_PIDFD = "PROMETHEUS_METRICS_PEER_PIDFD"
-_HANDOFF = (ENV_LISTEN_FD, ENV_MASTER_PID, ENV_MASTER_PIDFD, ENV_PEER_PID, ENV_PEER_PIDFD)
+ENV_TABLE_FD = "PROMETHEUS_METRICS_TABLE_FD"  # the shared state table's file (see shared_state.adopt_table)
+_HANDOFF = (ENV_LISTEN_FD, ENV_MASTER_PID, ENV_MASTER_PIDFD, ENV_PEER_PID, ENV_PEER_PIDFD, ENV_TABLE_FD)
 
 # argv[0] is the process name, so the interpreter cannot find its installation from it: PYTHONHOME
 # (set for the child only) locates the standard library, -S skips the automatic site-packages, and this
@@ -97,7 +99,7 @@ def _site_dirs() -> str:
 
 
 def spawn_peer(
-    *, listen_fd: int, master_pid: int, master_pidfd: int, own_pidfd: int | None
+    *, listen_fd: int, master_pid: int, master_pidfd: int, own_pidfd: int | None, table_fd: int | None
 ) -> subprocess.Popen:
     """Start one peer on the listening socket; `own_pidfd` lets the new peer watch the one spawning it."""
     python = os.environ.get(ENV_PYTHON) or sys.executable
@@ -118,6 +120,9 @@ def spawn_peer(
         env[ENV_PEER_PID] = str(os.getpid())
         env[ENV_PEER_PIDFD] = str(own_pidfd)
         fds.append(own_pidfd)
+    if table_fd is not None:
+        env[ENV_TABLE_FD] = str(table_fd)
+        fds.append(table_fd)
     return subprocess.Popen(
         [PROCESS_NAME, "-S", "-c", _BOOTSTRAP],
         executable=python,
@@ -148,11 +153,21 @@ def start(sock: socket.socket, *, master_pid: int, directory: str) -> MetricsSid
         (state_dir(directory) / STOPPING_MARKER).unlink()
     master_pidfd = os.pidfd_open(master_pid)
     try:
+        table_fd: int | None = os.open(table_path(directory), os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        table_fd = None  # the peers then open it by path
+    try:
         first = spawn_peer(
-            listen_fd=sock.fileno(), master_pid=master_pid, master_pidfd=master_pidfd, own_pidfd=None
+            listen_fd=sock.fileno(),
+            master_pid=master_pid,
+            master_pidfd=master_pidfd,
+            own_pidfd=None,
+            table_fd=table_fd,
         )
     finally:
         os.close(master_pidfd)
+        if table_fd is not None:
+            os.close(table_fd)
     return MetricsSide(first, directory)
 
 
@@ -231,6 +246,7 @@ class Handoff:
     master_pidfd: int
     peer_pid: int | None
     peer_pidfd: int | None
+    table_fd: int | None = None
 
     @classmethod
     def from_environ(cls) -> Handoff:
@@ -238,12 +254,14 @@ class Handoff:
         env.pop("PYTHONHOME", None)  # set for the bootstrap only (see spawn_peer)
         peer = env.pop(ENV_PEER_PID, None)
         peer_fd = env.pop(ENV_PEER_PIDFD, None)
+        table_fd = env.pop(ENV_TABLE_FD, None)
         return cls(
             listen_fd=int(env.pop(ENV_LISTEN_FD)),
             master_pid=int(env.pop(ENV_MASTER_PID)),
             master_pidfd=int(env.pop(ENV_MASTER_PIDFD)),
             peer_pid=int(peer) if peer else None,
             peer_pidfd=int(peer_fd) if peer_fd else None,
+            table_fd=int(table_fd) if table_fd else None,
         )
 
 
@@ -362,6 +380,7 @@ class PeerKeeper:
                 master_pid=self.handoff.master_pid,
                 master_pidfd=self.handoff.master_pidfd,
                 own_pidfd=self.own_pidfd,
+                table_fd=self.handoff.table_fd,
             )
         except OSError as err:  # e.g. out of processes or memory: try again later
             log(f"cannot start a metrics server peer: {err}; retrying in {MAX_RESTART_DELAY:g} s")

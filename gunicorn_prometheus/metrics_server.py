@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from . import metrics_process, server_state, settings, web_config
+from . import metrics_process, server_state, settings, shared_state, web_config
 from .metrics_http import HttpServer, Request, Response
 from .multiproc_dir import state_dir
 
@@ -212,7 +212,13 @@ def main() -> int:
     handoff = metrics_process.Handoff.from_environ()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the master decides
     directory = settings.parse_one(settings.BY_NAME["PROMETHEUS_MULTIPROC_DIR"], os.environ)
-    if not directory or not Path(directory).is_dir():
+    # The table first, from the descriptor the master handed down: what the master counts (worker boots
+    # and exits, CPU of exited workers) is served even if the directory is removed from here on, and a
+    # peer started after such a removal (a replacement) serves it too.
+    adopted = None
+    if directory and handoff.table_fd is not None:
+        adopted = shared_state.adopt_table(directory, handoff.table_fd)
+    if not directory or (adopted is None and not Path(directory).is_dir()):
         metrics_process.log(f"metrics directory {directory} is missing")
         return 1
     peer_child = None

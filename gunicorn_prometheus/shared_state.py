@@ -299,13 +299,29 @@ def open_table(directory: str | os.PathLike[str]) -> Table | None:
     except OSError:
         return None
     try:
+        return _map(path, fd)
+    finally:
+        os.close(fd)
+
+
+def adopt_table(directory: str | os.PathLike[str], fd: int) -> Table | None:
+    """Map the directory's table from ``fd``, an open descriptor of its file handed down by the master
+    (the metrics peers'), so that later ``open_table`` calls find it whatever happens to the path: a peer
+    that starts, or first looks, after an ``rm -rf`` of the directory still has the lifecycle counts. The
+    descriptor stays open, for the peers this one may start."""
+    path = table_path(directory)
+    table = _open.get(str(path))
+    return table if table is not None else _map(path, fd)
+
+
+def _map(path: Path, fd: int) -> Table | None:
+    """The table in file ``fd``, registered as this process's mapping of ``path``; None if it is not one."""
+    try:
         if os.fstat(fd).st_size < TABLE_SIZE:
             return None
         memory = mmap.mmap(fd, TABLE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError:
         return None
-    finally:
-        os.close(fd)
     if memory[0 : len(MAGIC)] != MAGIC:
         memory.close()
         return None

@@ -134,6 +134,32 @@ def test_directory_removed_under_load(start_server, app_dir, load, figures):
     )
 
 
+def test_peers_replaced_after_rm_rf_keep_the_lifecycle_counts(start_server, app_dir):
+    """After an `rm -rf` of PROMETHEUS_MULTIPROC_DIR, both metrics peers are replaced one after the other:
+    the port never closes, and the new peers, which never saw the directory, still serve what the master
+    counts in the shared table (worker boots and crashes), from the descriptor the master handed down."""
+    write_app(app_dir)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: len(server.metrics_peers()) == 2, 10, "both metrics peers")
+    shutil.rmtree(server.env["PROMETHEUS_MULTIPROC_DIR"])
+    for old in server.metrics_peers():
+        old.kill()
+
+        def replaced(old=old) -> bool:
+            peers = server.metrics_peers()
+            return len(peers) == 2 and old.pid not in {p.pid for p in peers}
+
+        wait_until(replaced, 15, "a replacement for the killed metrics peer")
+        assert server.metrics_get("/healthz").status_code == 200
+    assert kill_worker(server, random.Random(3)) is not None
+    wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the replacement")
+    final = scrape(server)
+    assert final.total("gunicorn_worker_exits_total", reason="crash") == 1
+    assert final.total("gunicorn_worker_boots_total") == 3
+    assert server.get("/").status_code == 200
+
+
 def test_too_small_a_directory_is_refused_at_start(start_server, app_dir, small_tmpfs, figures):
     """A directory too small for the expected files is refused at start, in one line.
 

@@ -55,7 +55,10 @@ def test_a_blocked_loop_shows_as_lag(loop_name: str) -> None:
         # Counted, not assumed to be 0: on a loaded machine (the parallel suite) an idle loop's timer
         # can run late too, when the OS does not schedule the process for a while.
         late_before.append(above(registry, "0.1"))
-        time.sleep(0.2)  # blocks the loop, as a sync call in an async route does
+        # Blocks the loop, as a sync call in an async route does. 0.3 s, so the pending timer (due within
+        # 0.1 s) runs at least 0.2 s late: clear of the 0.1 bucket's edge, whatever the two clocks' rounding
+        # (uvloop's loop.time() is a cached millisecond clock).
+        time.sleep(0.3)
         await asyncio.sleep(0)
         await wait_for(lambda: above(registry, "0.1") > late_before[0], timeout=1.0)
 
