@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        # Gunicorn's own handler makes SIGINT a quick shutdown even when the master inherited it ignored
+        # (a background job's); until that handler is installed, the same: not a signal lost.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sys.exit(main())
     except KeyboardInterrupt:
