@@ -177,16 +177,22 @@ def test_sync_routes_fill_the_thread_pool_and_then_wait(start_server, app_dir, t
     )
 
 
+def assert_only_listener_idle(server, listener: str) -> None:
+    """The app's socket is the one listener reported (not the metrics port), with nothing queued and
+    Gunicorn's default backlog as its limit."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    text = scrape(server)
+    assert value(text, names.LISTEN_BACKLOG, listener=listener) == 0
+    assert value(text, names.LISTEN_BACKLOG_LIMIT, listener=listener) == min(2048, somaxconn)
+    assert [key for key in samples(text) if key[0] == names.LISTEN_BACKLOG] == [
+        (names.LISTEN_BACKLOG, (("listener", listener),))
+    ]
+
+
 def test_connections_wait_in_the_listen_backlog_while_every_worker_is_busy(start_server, app_dir, tmp_path):
     server = start(start_server, app_dir, tmp_path)
     listener = {"listener": f"127.0.0.1:{server.port}"}
-    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    text = scrape(server)
-    assert value(text, names.LISTEN_BACKLOG, **listener) == 0
-    assert value(text, names.LISTEN_BACKLOG_LIMIT, **listener) == min(2048, somaxconn)  # Gunicorn's default
-    assert [key for key in samples(text) if key[0] == names.LISTEN_BACKLOG] == [
-        (names.LISTEN_BACKLOG, tuple(listener.items()))
-    ]  # the app's socket only: not the metrics port's
+    assert_only_listener_idle(server, listener["listener"])
 
     marks = Path(server.env["TEST_MARKS"])
     blockers: list[threading.Thread] = []
@@ -226,14 +232,7 @@ def test_a_unix_socket_bind_reports_its_backlog_too(start_server, app_dir, tmp_p
     server.wait_metrics_ready()
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as client:
         assert client.get("http://app/").json() == {"Hello": "World"}
-    listener = {"listener": f"unix:{path}"}
-    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    text = scrape(server)
-    assert value(text, names.LISTEN_BACKLOG, **listener) == 0
-    assert value(text, names.LISTEN_BACKLOG_LIMIT, **listener) == min(2048, somaxconn)  # Gunicorn's default
-    assert [key for key in samples(text) if key[0] == names.LISTEN_BACKLOG] == [
-        (names.LISTEN_BACKLOG, tuple(listener.items()))
-    ]
+    assert_only_listener_idle(server, f"unix:{path}")
 
 
 @pytest.mark.parametrize("worker_class", ["uvicorn_worker.UvicornWorker", "asgi"])
