@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import client
 from tests.support.apps import APP_WITH_OWN_METRICS as APP  # has /, /items/{item_id} and a raising /boom
 from tests.support.paths import REPO
 from tests.support.prometheus import query
@@ -72,13 +73,13 @@ def family(series: str) -> str:
 
 def runs(base: str, expr: str) -> bool:
     """The query parses and runs (an empty result is fine)."""
-    response = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5)
+    response = client.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5)
     return response.status_code == 200 and response.json()["status"] == "success"
 
 
 def label_values(base: str, label: str, match: str) -> list[str]:
     try:
-        response = httpx.get(f"{base}/api/v1/label/{label}/values", params={"match[]": match}, timeout=5)
+        response = client.get(f"{base}/api/v1/label/{label}/values", params={"match[]": match}, timeout=5)
     except httpx.HTTPError:
         return []
     return response.json()["data"] if response.status_code == 200 else []
@@ -173,5 +174,5 @@ def test_every_dashboard_query_returns_series(start_server, app_dir, prometheus)
     for expr in exemplar_targets:
         now = time.time()
         params = {"query": expr, "start": now - 60, "end": now}
-        response = httpx.get(f"{base}/api/v1/query_exemplars", params=params, timeout=5)
+        response = client.get(f"{base}/api/v1/query_exemplars", params=params, timeout=5)
         assert response.status_code == 200 and response.json()["status"] == "success", response.text

@@ -8,6 +8,7 @@ import time
 
 import httpx
 
+from tests.support import client
 from tests.support.server import write_app
 from tests.support.waiting import wait_until
 
@@ -38,7 +39,7 @@ def test_traceparent_becomes_an_exemplar_in_prometheus(start_server, app_dir, pr
     def exemplar_trace_ids() -> set[str]:
         now = time.time()
         try:
-            response = httpx.get(
+            response = client.get(
                 f"{base}/api/v1/query_exemplars",
                 params={
                     "query": 'starlette_request_duration_seconds_bucket{path="/items/{item_id}"}',

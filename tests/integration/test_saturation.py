@@ -13,6 +13,7 @@ import pytest
 
 from gunicorn_prometheus import names, server_state
 from gunicorn_prometheus.multiproc_dir import state_dir
+from tests.support import client
 from tests.support.metrics_text import http_total, promtool_check, samples, value
 from tests.support.server import scrape, scrape_until, write_app
 from tests.support.waiting import wait_until
@@ -154,8 +155,8 @@ def test_sync_routes_fill_the_thread_pool_and_then_wait(start_server, app_dir, t
     assert value(text, names.THREADPOOL_WAITING, process="w0") == 0
 
     limits = httpx.Limits(max_connections=100)
-    with httpx.Client(timeout=30, limits=limits) as client, ThreadPoolExecutor(60) as pool:
-        calls = [pool.submit(client.get, server.url + "/sync-slow", params={"seconds": 3}) for _ in range(60)]
+    with httpx.Client(timeout=30, limits=limits) as http, ThreadPoolExecutor(60) as pool:
+        calls = [pool.submit(http.get, server.url + "/sync-slow", params={"seconds": 3}) for _ in range(60)]
         text = scrape_until(
             server,
             lambda t: (
@@ -199,7 +200,7 @@ def test_connections_wait_in_the_listen_backlog_while_every_worker_is_busy(start
     flood: list[socket.socket] = []
 
     def block() -> None:
-        httpx.get(server.url + "/block", params={"seconds": 4}, timeout=30)
+        client.get(server.url + "/block", params={"seconds": 4}, timeout=30)
 
     try:
         # Stall every worker: new stalls go to whichever worker still accepts, until both are blocked.
@@ -230,8 +231,8 @@ def test_a_unix_socket_bind_reports_its_backlog_too(start_server, app_dir, tmp_p
     write_app(app_dir)
     server = start_server(app_dir, wait=None, BIND=f"unix:{path}", WEB_CONCURRENCY="1")
     server.wait_metrics_ready()
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as client:
-        assert client.get("http://app/").json() == {"Hello": "World"}
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as http:
+        assert http.get("http://app/").json() == {"Hello": "World"}
     assert_only_listener_idle(server, f"unix:{path}")
 
 

@@ -15,6 +15,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.support import client
 from tests.support.server import write_app
 from tests.support.waiting import wait_until
 
@@ -43,7 +44,7 @@ def request_in_background(server, path: str) -> tuple[threading.Thread, dict]:
 
     def run() -> None:
         try:
-            outcome["response"] = httpx.get(server.url + path, timeout=120)
+            outcome["response"] = client.get(server.url + path, timeout=120)
         except httpx.HTTPError as err:
             outcome["error"] = err
 

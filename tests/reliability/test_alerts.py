@@ -14,6 +14,7 @@ import time
 
 import httpx
 
+from tests.support import client
 from tests.support.faults import LEAN, TINY_APP, kill_worker
 from tests.support.paths import REPO
 from tests.support.prometheus import query
@@ -25,7 +26,7 @@ RULES = str(REPO / "deploy" / "rules.yml")
 
 def alerts(base: str) -> list[dict]:
     try:
-        response = httpx.get(f"{base}/api/v1/alerts", timeout=5)
+        response = client.get(f"{base}/api/v1/alerts", timeout=5)
     except httpx.HTTPError:
         return []
     return response.json()["data"]["alerts"] if response.status_code == 200 else []

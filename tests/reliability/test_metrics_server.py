@@ -24,6 +24,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.support import client
 from tests.support.faults import LEAN, TINY_APP, scrape
 from tests.support.paths import VENV_BIN
 from tests.support.prometheus import query
@@ -383,7 +384,8 @@ def secured(start_server, app_dir, tmp_path):
     server.cert, server.token = cert, token  # type: ignore[attr-defined]
     wait_until(
         lambda: (
-            httpx.get(f"https://127.0.0.1:{server.metrics_port}/healthz", verify=_ca(cert)).status_code == 200
+            client.get(f"https://127.0.0.1:{server.metrics_port}/healthz", verify=_ca(cert)).status_code
+            == 200
         ),
         30,
         "https /healthz",
@@ -407,7 +409,7 @@ def test_credentials_right_wrong_missing_over_tls(secured):
     verify = _ca(secured.cert)
 
     def get(path: str, **headers: str) -> httpx.Response:
-        return httpx.get(url + path, headers=headers, verify=verify, timeout=10)
+        return client.get(url + path, headers=headers, verify=verify, timeout=10)
 
     basic = "Basic " + base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()
     wrong = "Basic " + base64.b64encode(b"prometheus:nope").decode()
@@ -428,7 +430,7 @@ def test_credentials_right_wrong_missing_over_tls(secured):
     assert get("/healthz").json() == {"status": "ok"}
     assert get("/healthz", Authorization=basic).json()["workers_serving"] >= 1
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{secured.metrics_port}/metrics", timeout=5).raise_for_status()
+        client.get(f"http://127.0.0.1:{secured.metrics_port}/metrics", timeout=5).raise_for_status()
     assert _healthcheck(secured) == 0
 
 
@@ -452,7 +454,7 @@ def test_real_prometheus_scrapes_through_tls_basic_auth_and_bearer(secured, prom
 
     def down_with_401() -> bool:
         try:
-            targets = httpx.get(f"{with_wrong}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+            targets = client.get(f"{with_wrong}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
         except (httpx.HTTPError, KeyError, ValueError):
             return False
         return any(t["health"] == "down" and "401" in t.get("lastError", "") for t in targets)

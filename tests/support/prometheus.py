@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import client
 from tests.support.net import free_port
 
 
@@ -76,7 +77,7 @@ class PrometheusStarter:
 def query(base: str, expr: str) -> list[dict]:
     """The result of an instant query; empty while Prometheus is not up yet or the query fails."""
     try:
-        response = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5)
+        response = client.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5)
     except httpx.HTTPError:
         return []
     if response.status_code != 200:

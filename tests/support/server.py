@@ -20,6 +20,7 @@ import psutil
 
 from gunicorn_prometheus import settings
 from gunicorn_prometheus.metrics_process import PROCESS_NAME as METRICS_PROCESS_NAME
+from tests.support import client
 from tests.support.net import free_port
 from tests.support.paths import REPO, VENV_BIN
 from tests.support.waiting import wait_until
@@ -64,10 +65,10 @@ class Server:
         raise AssertionError("no start-up JSON line in the logs:\n" + self.logs())
 
     def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)
+        return client.get(self.url + path, timeout=10, **kwargs)
 
     def metrics_get(self, path: str = "/metrics", **kwargs) -> httpx.Response:
-        return httpx.get(self.metrics_url + path, timeout=10, **kwargs)
+        return client.get(self.metrics_url + path, timeout=10, **kwargs)
 
     def master(self) -> psutil.Process:
         return psutil.Process(self.proc.pid)
