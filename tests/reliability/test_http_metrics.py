@@ -17,7 +17,7 @@ from collections import Counter
 
 import httpx
 
-from tests.support.faults import LEAN, Scrape, fill, kill_worker, scrape
+from tests.support.faults import LEAN, Scrape, fill, kill_worker, scrape, wait_replacement_serving
 from tests.support.server import write_app
 from tests.support.waiting import wait_until
 
@@ -103,7 +103,7 @@ def test_sigkill_churn_loses_no_answered_request(start_server, app_dir, figures)
                 "both workers serving and answering",
             )
             assert kill_worker(server, rng) is not None
-        wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the last one")
+        wait_replacement_serving(server, boots=2 + kills)  # the last one
     finally:
         run.stop()
     answered = 1 + run.answered  # the fixture's readiness probe too

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from gunicorn_prometheus import names
-from tests.support.faults import LEAN, fill, kill_worker, scrape
+from tests.support.faults import LEAN, fill, kill_worker, scrape, wait_replacement_serving
 from tests.support.server import write_app
 from tests.support.waiting import wait_until
 
@@ -63,9 +63,7 @@ def test_full_tmpfs_under_load(start_server, app_dir, small_tmpfs, load, peaks, 
         wait_until(lambda: run.answered >= 200, 60, "200 answers on the full tmpfs")
         assert kill_worker(server, rng) is not None
         run.join()
-        wait_until(
-            lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the replacement"
-        )
+        wait_replacement_serving(server, boots=3)
         after = server.get("/after-restart")
     final = scrape(server)
     health = server.metrics_get("/healthz")
@@ -116,7 +114,7 @@ def test_directory_removed_under_load(start_server, app_dir, load, figures):
     wait_until(lambda: run.answered >= 200, 60, "200 answers without the directory")
     assert kill_worker(server, random.Random(2)) is not None
     run.join()
-    wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the replacement")
+    wait_replacement_serving(server, boots=3)
     final = scrape(server)
     assert run.errors <= 4 and set(run.statuses) == {200}, (run.errors, run.statuses)
     assert server.get("/after").status_code == 200
@@ -145,15 +143,12 @@ def test_peers_replaced_after_rm_rf_keep_the_lifecycle_counts(start_server, app_
     shutil.rmtree(server.env["PROMETHEUS_MULTIPROC_DIR"])
     for old in server.metrics_peers():
         old.kill()
-
-        def replaced(old=old) -> bool:
-            peers = server.metrics_peers()
-            return len(peers) == 2 and old.pid not in {p.pid for p in peers}
-
-        wait_until(replaced, 15, "a replacement for the killed metrics peer")
+        wait_until(
+            lambda old=old: server.metrics_peer_replaced(old), 15, "a replacement for the killed metrics peer"
+        )
         assert server.metrics_get("/healthz").status_code == 200
     assert kill_worker(server, random.Random(3)) is not None
-    wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "the replacement")
+    wait_replacement_serving(server, boots=3)
     final = scrape(server)
     assert final.total("gunicorn_worker_exits_total", reason="crash") == 1
     assert final.total("gunicorn_worker_boots_total") == 3

@@ -25,6 +25,7 @@ import psutil
 from gunicorn_prometheus.metrics_process import PROCESS_NAME as METRICS_PROCESS_NAME
 from tests.support.metrics_text import samples
 from tests.support.server import scrape as scrape_text
+from tests.support.waiting import wait_until
 
 #: Where the figures go: set by scripts/reliability-report; unset in a normal test run (nothing written).
 RESULTS_ENV = "RELIABILITY_RESULTS"
@@ -222,6 +223,22 @@ def kill_worker(server: Any, rng: random.Random, sig: int = signal.SIGKILL) -> i
         victim.send_signal(sig)
         return victim.pid
     return None
+
+
+def wait_replacement_serving(server: Any, boots: int, workers: int = 2, timeout: float = 30.0) -> None:
+    """Wait until the master has booted its `boots`-th worker and `workers` serve.
+
+    `/healthz` alone is not enough after a kill: until the master reaps the dead worker, its slot still
+    counts as serving, so "2 serving" can hold before anything was replaced (and before the crash is
+    counted). A boot is counted when the replacement forks, after the reap.
+    """
+
+    def replaced() -> bool:
+        if scrape(server).total("gunicorn_worker_boots_total") < boots:
+            return False
+        return server.metrics_get("/healthz").json()["workers_serving"] == workers
+
+    wait_until(replaced, timeout, f"worker boot {boots} serving")
 
 
 def fill(directory: Path, leave: int = 0) -> int:

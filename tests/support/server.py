@@ -99,6 +99,11 @@ class Server:
                 continue
         return found
 
+    def metrics_peer_replaced(self, old: psutil.Process) -> bool:
+        """Whether a killed metrics peer has a replacement: two peers again, `old` not among them."""
+        peers = self.metrics_peers()
+        return len(peers) == 2 and old.pid not in {p.pid for p in peers}
+
     def wait_ready(self, path: str = "/", timeout: float = 30.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
