@@ -1,36 +1,68 @@
-"""Serve every app Uvicorn serves: ASGI2 apps are adapted to ASGI3 before our middleware wraps them.
+"""Serve every app Uvicorn serves: the app object is loaded as Uvicorn would, before our wrappers see it.
 
-Uvicorn tells the two interfaces apart when it loads an app, but our HTTP middleware wraps the app
-before Uvicorn sees it, and is itself ASGI3: an ASGI2 app (a class taking the scope, whose instance is
-awaited with receive and send, like upstream's sample app) would then be called with three arguments
-and fail every request. So the worker adapts it first, with Uvicorn's own `ASGI2Middleware`.
+Uvicorn makes its final app out of the object it is given when it loads it (``Config.load``): it calls
+the object with no arguments and serves what that returns if the call succeeds (an app factory), then
+tells ASGI2 from ASGI3 and adapts ASGI2 apps. Our wrappers go around the app before Uvicorn sees it,
+and are themselves ASGI3 coroutine callables, so Uvicorn's load no longer sees the user's object: a
+factory would be called with a scope (every request a 500), an ASGI2 app (a class taking the scope,
+like upstream's sample app) with three arguments. So the worker hook takes the same steps first, on the
+user's object, with Uvicorn's own ``ASGI2Middleware``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.middleware.asgi2 import ASGI2Middleware
 
+# Uvicorn's choice (uvicorn/_compat.py): asyncio's also knows the markers older code sets; 3.14 deprecates it.
+_iscoroutinefunction = (
+    inspect.iscoroutinefunction if sys.version_info >= (3, 14) else asyncio.iscoroutinefunction
+)
+
 
 def is_asgi3(app: Any) -> bool:
-    """Uvicorn's rule (uvicorn.config.Config.load, interface "auto"), which it exposes only inside load().
+    """Uvicorn's rule (``Config.load``, interface "auto"), which it applies only inside load().
 
     A class is ASGI3 when its instances are awaitable, a function when it is a coroutine function, any
-    other object when its ``__call__`` is one.
+    other object when its ``__call__`` attribute is one. The attribute is looked up on the object, not
+    its type: Sentry's ``SentryAsgiMiddleware`` sets ``__call__`` per instance (a slot), and its type's
+    ``__call__`` is then a slot descriptor, not a coroutine function.
     """
     if inspect.isclass(app):
         return hasattr(app, "__await__")
     if inspect.isfunction(app):
-        return inspect.iscoroutinefunction(app)
-    return inspect.iscoroutinefunction(type(app).__call__) if callable(app) else False
+        return _iscoroutinefunction(app)
+    return _iscoroutinefunction(getattr(app, "__call__", None))  # noqa: B004 - Uvicorn's exact test
+
+
+def load_like_uvicorn(app: Any, warn: Callable[[str], None]) -> Any:
+    """The ASGI3 app Uvicorn would serve for ``app``: what a factory returns, ASGI2 apps adapted.
+
+    Uvicorn calls whatever it is given with no arguments first, and serves the result when that call does
+    not raise TypeError (an app's ``__call__`` needs three arguments, a factory none); ``warn`` is told,
+    as Uvicorn warns, so a factory used without saying so shows in the log.
+    """
+    try:
+        made = app()
+    except TypeError:
+        made = app
+    else:
+        warn(f"{_name(app)} was called as an app factory, and the app it returned is served")
+    return as_asgi3(made)
 
 
 def as_asgi3(app: Any) -> Any:
     """The app itself when it is ASGI3, else the app behind Uvicorn's ASGI2 adapter."""
     return app if is_asgi3(app) else ASGI2Middleware(app)
+
+
+def _name(app: Any) -> str:
+    return getattr(app, "__qualname__", None) or type(app).__qualname__
 
 
 class InFlight:

@@ -60,6 +60,10 @@ HOOK_NAMES = (
     "pre_exec",
     "on_exit",
 )
+#: Hooks whose config-file side runs before ours. post_worker_init: the user's hook must find the worker
+#: as plain Gunicorn leaves it, ``worker.wsgi`` being their app (``worker.wsgi.state``, or wrapping it in
+#: a middleware of their own); ours then wraps whatever theirs left there.
+THEIRS_FIRST = frozenset({"post_worker_init"})
 
 
 def config_error_exit(err: ConfigError) -> SystemExit:
@@ -84,15 +88,22 @@ def _die_with_master(master_pid: int) -> None:
         os._exit(0)
 
 
-def chain(ours: Callable[..., Any], theirs: Callable[..., Any] | None) -> Callable[..., None]:
-    """One hook calling ours, then theirs, whatever either raises; with the arity Gunicorn checks."""
+def chain(
+    ours: Callable[..., Any], theirs: Callable[..., Any] | None, *, theirs_first: bool = False
+) -> Callable[..., None]:
+    """One hook calling ours and theirs, whatever either raises; with the arity Gunicorn checks.
+
+    Ours runs first unless ``theirs_first``: see THEIRS_FIRST.
+    """
+    first, second = (theirs, ours) if theirs_first else (ours, theirs)
 
     def both(*args: Any) -> None:
         try:
-            ours(*args)
+            if first is not None:
+                first(*args)
         finally:
-            if theirs is not None:
-                theirs(*args)
+            if second is not None:
+                second(*args)
 
     both.__signature__ = inspect.signature(ours)  # type: ignore[attr-defined]
     both.__name__ = getattr(ours, "__name__", "hook")
@@ -145,7 +156,7 @@ class Master:
                 theirs = theirs._theirs  # installed twice on one config: chain with theirs, once
             if _same_function(theirs, default):
                 theirs = None  # Gunicorn's no-op default
-            cfg.set(name, chain(getattr(self, name), theirs))
+            cfg.set(name, chain(getattr(self, name), theirs, theirs_first=name in THEIRS_FIRST))
 
     # --- master hooks -------------------------------------------------------------------------------
 
@@ -274,11 +285,15 @@ class Master:
             # would SIGKILL the worker: it then exits normally (worker_exit and the last metrics flush
             # run) and says how many it cut instead of dying as "Perhaps out of memory?".
             worker.config.timeout_graceful_shutdown = max(self.settings.graceful_timeout - 1, 0)
-        # The app, adapted to ASGI3 (Uvicorn would detect ASGI2 itself, but our wrappers are ASGI3), then
-        # one layer in front of it: the HTTP metrics, which also keep the in-flight count for stops
-        # (handing websockets and lifespan to InFlight), or InFlight alone without them.
+        # The app as Uvicorn would load it (a factory's product, ASGI2 adapted: our wrappers hide the
+        # user's object from Uvicorn's own load), then one layer in front of it: the HTTP metrics, which
+        # also keep the in-flight count for stops (handing websockets and lifespan to InFlight), or
+        # InFlight alone without them.
         attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
-        app = asgi.as_asgi3(getattr(worker, attribute))
+        if _is_uvicorn_worker(worker):
+            app = asgi.load_like_uvicorn(getattr(worker, attribute), worker.log.warning)
+        else:
+            app = asgi.as_asgi3(getattr(worker, attribute))
         in_flight = asgi.InFlight(app)
         setattr(worker, attribute, in_flight)
         worker.prometheus_in_flight = in_flight

@@ -34,7 +34,6 @@ their app wrapped in :class:`StartOnFirstCall` instead (one pass-through call pe
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import sys
 import time
@@ -43,7 +42,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from . import names
+from . import asgi, names
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -54,10 +53,6 @@ SAMPLE_INTERVAL = 0.1
 #: Seconds the worst-lag gauge looks back: the 15 s scrape interval of deploy/ and k8s/, so a scrape at
 #: that interval misses no stall.
 MAX_WINDOW = 15
-# Uvicorn's choice (uvicorn/_compat.py): asyncio's also knows the markers older code sets; 3.14 deprecates it.
-_iscoroutinefunction = (
-    inspect.iscoroutinefunction if sys.version_info >= (3, 14) else asyncio.iscoroutinefunction
-)
 #: Gunicorn's error log, configured in every worker: where a failed sample is reported (once).
 log = logging.getLogger("gunicorn.error")
 #: Lag buckets, seconds: from "a busy loop" (1 ms) to "stalled long enough to fail health checks".
@@ -308,7 +303,7 @@ def install(worker: Any, process: str, publish_due: Callable[[float], None] | No
     else:
         attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"
         app = getattr(worker, attribute)
-        if is_asgi3(app):  # an ASGI2 app (a class called with the scope) must reach Uvicorn unwrapped
+        if asgi.is_asgi3(app):  # an ASGI2 app (a class called with the scope) must reach Uvicorn unwrapped
             setattr(worker, attribute, StartOnFirstCall(app, monitor))
     worker.prometheus_loop_monitor = monitor
     return monitor
@@ -328,12 +323,3 @@ def start_on_first_notify(
         await notify()
 
     return notify_and_start
-
-
-def is_asgi3(app: Any) -> bool:
-    """Uvicorn's own test of its ``interface="auto"``: what it would call as ``app(scope, receive, send)``."""
-    if inspect.isclass(app):
-        return hasattr(app, "__await__")
-    if inspect.isfunction(app):
-        return _iscoroutinefunction(app)
-    return _iscoroutinefunction(getattr(app, "__call__", None))  # noqa: B004 - Uvicorn's exact test

@@ -479,6 +479,102 @@ def test_asgi2_app_is_served_and_counted(start_server, app_dir, lifespan):
     assert "Traceback" not in server.logs() or lifespan == "without_lifespan"
 
 
+# App objects Uvicorn makes an app of when it loads them, which our wrappers hide from it: the worker hook
+# must take Uvicorn's steps itself, or every request is a 500.
+LOADED_LIKE_UVICORN = {
+    # an app factory, found by VARIABLE_NAME: Uvicorn calls it and serves what it returns
+    "factory": """
+    from fastapi import FastAPI
+
+
+    def create_app():
+        app = FastAPI()
+
+        @app.get("/items/{item_id}")
+        def read_item(item_id: int):
+            return {"item_id": item_id}
+
+        return app
+""",
+    # Sentry's SentryAsgiMiddleware style: `__call__` is a slot set per instance, so the type's __call__
+    # is a member descriptor and only the instance's says "coroutine function"
+    "instance_call": """
+    from fastapi import FastAPI
+
+    inner = FastAPI()
+
+
+    @inner.get("/items/{item_id}")
+    def read_item(item_id: int):
+        return {"item_id": item_id}
+
+
+    class Wrapped:
+        __slots__ = ("app", "__call__")
+
+        def __init__(self, app):
+            self.app = app
+            self.__call__ = self._run
+
+        async def _run(self, scope, receive, send):
+            await self.app(scope, receive, send)
+
+
+    create_app = Wrapped(inner)
+""",
+}
+
+
+@pytest.mark.parametrize("style", sorted(LOADED_LIKE_UVICORN))
+def test_app_objects_are_loaded_as_uvicorn_loads_them(start_server, app_dir, style):
+    write_app(app_dir, LOADED_LIKE_UVICORN[style])
+    server = start_server(app_dir, WEB_CONCURRENCY="1", VARIABLE_NAME="create_app")
+    assert server.get("/items/5").json() == {"item_id": 5}
+    server.wait_metrics_ready()
+    labels = 'app_name="starlette",method="GET",path="/items/{item_id}",status_code="200"'
+    line = "starlette_requests_total{" + labels + "}"
+    wait_until(lambda: f"{line} 1.0" in server.metrics_get().text, 10, "the request counted by its route")
+    assert ("called as an app factory" in server.logs()) == (style == "factory")
+    assert "Traceback" not in server.logs()
+
+
+USER_POST_WORKER_INIT_CONF = """
+    import os
+
+
+    def post_worker_init(worker):
+        # Plain Gunicorn hands this hook the user's own app in worker.wsgi
+        worker.wsgi.state.booted_by = os.getpid()
+        print("user post_worker_init", flush=True)
+"""
+
+STATE_APP = """
+    import os
+
+    from fastapi import FastAPI, Request
+
+    app = FastAPI()
+
+
+    @app.get("/")
+    def read_root(request: Request):
+        return {"state_set_in_this_worker": request.app.state.booted_by == os.getpid()}
+"""
+
+
+def test_user_post_worker_init_finds_their_own_app(start_server, app_dir):
+    """A user's post_worker_init runs before ours wraps the app: worker.wsgi is their app, as in plain
+    Gunicorn, and ours still wraps it afterwards (the request is counted)."""
+    write_app(app_dir, STATE_APP)
+    (app_dir / "gunicorn_conf.py").write_text(textwrap.dedent(USER_POST_WORKER_INIT_CONF))
+    server = start_server(app_dir, WEB_CONCURRENCY="1")
+    assert server.get("/").json() == {"state_set_in_this_worker": True}
+    assert "user post_worker_init" in server.logs()
+    server.wait_metrics_ready()
+    line = 'starlette_requests_total{app_name="starlette",method="GET",path="/",status_code="200"}'
+    wait_until(lambda: f"{line} 2.0" in server.metrics_get().text, 10, "the probe and the request counted")
+
+
 ASGI3_WEBSOCKET_APP = """
     async def app(scope, receive, send):
         if scope["type"] == "websocket":

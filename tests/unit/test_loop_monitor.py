@@ -12,7 +12,7 @@ import pytest
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from gunicorn_prometheus import loop_monitor, names
+from gunicorn_prometheus import asgi, loop_monitor, names
 from tests.support.child import run_python
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -231,7 +231,7 @@ def test_only_asgi3_apps_are_wrapped() -> None:
         worker = Worker(app)
         loop_monitor.install(worker, "w0")
         assert isinstance(worker.wsgi, loop_monitor.StartOnFirstCall) is wrapped, app
-        assert loop_monitor.is_asgi3(worker.wsgi) is wrapped
+        assert asgi.is_asgi3(worker.wsgi) is wrapped
 
 
 def test_an_uvicorn_worker_starts_it_from_its_heartbeat_and_keeps_its_app() -> None:
