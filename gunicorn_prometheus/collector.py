@@ -90,6 +90,8 @@ class MultiProcessDirCollector(Collector):
         self._path = os.fspath(path)
         # Files already reported as unreadable: a corrupt file would otherwise log on every scrape.
         self._reported: set[str] = set()
+        # HTTP families left out because the app exports its own under the name, already logged
+        self._shadowed: set[str] = set()
         # Decoded entry keys, kept across scrapes: the same series appear in every scrape, and decoding
         # their JSON is a large share of the scrape cost. Bounded by _KEY_CACHE_LIMIT.
         self._key_cache: dict[str, Any] = {}
@@ -114,9 +116,25 @@ class MultiProcessDirCollector(Collector):
         return [os.path.join(self._path, n) for n in sorted(names) if METRIC_FILE_RE.fullmatch(n)]
 
     def collect(self) -> Iterable[Metric]:
-        """The app's metrics and the HTTP metrics; ``files_read`` and ``http_write_errors`` say more."""
-        yield from self.app_metrics()
-        yield from self.http_metrics()
+        """The app's metrics and the HTTP metrics; ``files_read`` and ``http_write_errors`` say more.
+
+        An HTTP family the app also exports under the same name (an app that still runs its own
+        starlette_exporter) is the app's: two families of one name make the exposition invalid, and
+        adding them up would count those requests twice. Ours is left out (logged once).
+        """
+        app = self.app_metrics()
+        yield from app
+        taken = {family.name for family in app}
+        for family in self.http_metrics():
+            if family.name not in taken:
+                yield family
+            elif family.name not in self._shadowed:
+                self._shadowed.add(family.name)
+                log.warning(
+                    "the app exports %s itself (its own starlette_exporter?): serving the app's, not ours; "
+                    "METRICS_INSTRUMENT=false stops ours being recorded",
+                    family.name,
+                )
 
     def app_metrics(self) -> list[Metric]:
         """prometheus_client's files, merged by prometheus_client from those that read back completely."""

@@ -507,14 +507,20 @@ class PrometheusMiddleware:
 
 
 def _resolve(scope: Scope, root_path: str) -> str:
-    """Match the request again from the top, on a copy of its scope as it was before routing."""
+    """Match the request again from the top, on a copy of its scope as it was before routing.
+
+    An empty template is a real one, as in starlette_exporter: a mount at "/" (StaticFiles serving a
+    single-page app, say) has the path "".
+    """
     router = scope.get("router")
     if router is None or not getattr(router, "routes", None):
-        return getattr(scope.get("route"), "path", None) or UNKNOWN_PATH
-    dropped = ("route", "endpoint", "path_params", "app_root_path", "fastapi")
-    original = {key: value for key, value in scope.items() if key not in dropped}
-    original["root_path"] = root_path
-    return _match_template(original, router.routes) or UNKNOWN_PATH
+        template = getattr(scope.get("route"), "path", None)
+    else:
+        dropped = ("route", "endpoint", "path_params", "app_root_path", "fastapi")
+        original = {key: value for key, value in scope.items() if key not in dropped}
+        original["root_path"] = root_path
+        template = _match_template(original, router.routes)
+    return UNKNOWN_PATH if template is None else template
 
 
 _TRACEPARENT_RE = re.compile(rb"[0-9a-f]{2}-([0-9a-f]{16})([0-9a-f]{16})-([0-9a-f]{16})-[0-9a-f]{2}")

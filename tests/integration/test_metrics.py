@@ -329,6 +329,36 @@ def test_instrumentation_can_be_turned_off(start_server, app_dir):
     assert "starlette_requests_total" not in text
 
 
+APP_WITH_STARLETTE_EXPORTER = """
+    from fastapi import FastAPI
+    from starlette_exporter import PrometheusMiddleware
+
+    app = FastAPI()
+    app.add_middleware(PrometheusMiddleware)
+
+
+    @app.get("/items/{item_id}")
+    def read_item(item_id: int):
+        return {"item_id": item_id}
+"""
+
+
+def test_an_app_running_its_own_starlette_exporter_keeps_a_valid_exposition(start_server, app_dir):
+    """Users moving over from starlette_exporter may keep it: its families (same names as ours) are
+    served as the app's own, ours stand aside, and the scrape stays valid (one family per name)."""
+    write_app(app_dir, APP_WITH_STARLETTE_EXPORTER)
+    server = start_server(app_dir, WEB_CONCURRENCY="1")
+    server.wait_metrics_ready()
+    for item in range(3):
+        assert server.get(f"/items/{item}").json() == {"item_id": item}
+    text = scrape_until(
+        server, lambda t: http_total(t, "/items/{item_id}", "200") == 3, "the app's own count"
+    )
+    promtool_check(text)
+    assert len(re.findall(r"^# TYPE starlette_request_duration_seconds ", text, re.M)) == 1
+    assert "serving the app's, not ours" in server.logs()
+
+
 def test_settings_shape_the_http_metrics(start_server, app_dir):
     write_app(app_dir, APP_WITH_OWN_METRICS)
     server = start_server(

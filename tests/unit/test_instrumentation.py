@@ -120,6 +120,26 @@ def test_unrouted_requests_share_one_series(middleware, registry):
     assert counts(registry) == {("GET", UNKNOWN_PATH, "404"): len(paths)}
 
 
+def test_an_app_mounted_at_the_root_has_starlette_exporters_empty_template(registry):
+    """A single-page app's usual set-up: API routes, then StaticFiles mounted at "/" for the rest.
+    starlette_exporter's template for what the mount serves is "" (the mount's own path); a served file
+    must not look like an unrouted request."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def files(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("file")(scope, receive, send)
+
+    app = Starlette(routes=[Route("/api/ping", lambda request: PlainTextResponse("pong")), Mount("/", files)])
+    middleware = PrometheusMiddleware(app, registry=registry)
+    assert run(get_all(middleware, "/api/ping", "/index.html", "/assets/app.js")) == [200] * 3
+    assert counts(registry) == {("GET", "/api/ping", "200"): 1, ("GET", "", "200"): 2}
+    exporter = pytest.importorskip("starlette_exporter.middleware")
+    scope = {"type": "http", "method": "GET", "path": "/index.html", "root_path": "", "headers": []}
+    assert exporter.get_matching_route_path(scope, app.router.routes) == ""
+
+
 def test_wrong_method_is_unknown_like_starlette_exporter_and_does_not_poison_the_cache(middleware, registry):
     assert run(get_all(middleware, "/items/5", method="POST")) == [405]
     assert run(get_all(middleware, "/items/5")) == [200]
