@@ -342,7 +342,9 @@ SETTINGS: tuple[Setting, ...] = (
         "TIMEOUT",
         UPSTREAM,
         _seconds,
-        "Seconds of silence after which a worker is killed and replaced.",
+        "Seconds of silence after which a worker is killed and replaced. Uvicorn workers report every "
+        "TIMEOUT/2 s, so an event loop blocked for more than TIMEOUT/2 to TIMEOUT seconds gets its worker "
+        "killed (as in upstream).",
         default="120",
     ),
     Setting(
