@@ -364,6 +364,8 @@ class PrometheusMiddleware:
                 route = scope.get("route")
                 if route is None:
                     route = scope.get("endpoint")
+                    if route is None:
+                        route = scope.get("path_template")
                 fastapi_scope = scope.get("fastapi")
                 context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
                 routed_root_path = scope.get("root_path", "")
@@ -469,6 +471,8 @@ class PrometheusMiddleware:
         route = scope.get("route")
         if route is None:
             route = scope.get("endpoint")
+            if route is None:
+                route = scope.get("path_template")
         fastapi_scope = scope.get("fastapi")
         context = fastapi_scope.get("effective_route_context") if fastapi_scope else None
         key = (method, status, id(route), id(context), scope.get("root_path", ""))
@@ -492,6 +496,8 @@ class PrometheusMiddleware:
         include_router inclusion), the root path (one per mount) and the method (a route matched with
         the wrong method is a partial match, a 405, which starlette_exporter counts as unknown). Route
         objects are unhashable (they define ``__eq__``), hence ids checked against the cached objects.
+        Litestar leaves the full template in ``scope["path_template"]`` (what its own Prometheus
+        middleware labels by), one string object per route: it stands for the route itself.
         """
         if route is None:
             return UNKNOWN_PATH
@@ -515,6 +521,8 @@ def _resolve(scope: Scope, root_path: str) -> str:
     router = scope.get("router")
     if router is None or not getattr(router, "routes", None):
         template = getattr(scope.get("route"), "path", None)
+        if template is None and isinstance(scope.get("path_template"), str):
+            template = scope["path_template"]  # Litestar's
     else:
         dropped = ("route", "endpoint", "path_params", "app_root_path", "fastapi")
         original = {key: value for key, value in scope.items() if key not in dropped}

@@ -140,6 +140,36 @@ def test_an_app_mounted_at_the_root_has_starlette_exporters_empty_template(regis
     assert exporter.get_matching_route_path(scope, app.router.routes) == ""
 
 
+def test_litestar_routes_are_labelled_by_their_path_template(registry):
+    """Litestar's router leaves the matched route's template in ``scope["path_template"]`` (one string
+    object per route; none on a 404). A router of the same shape stands in for it here (Litestar is not a
+    test dependency); the real Litestar 2 gave the same labels by hand, 2026-11-28: /items/{item_id},
+    /v1/items/{item_id}, both templates of a handler with two paths, __unknown__ for a 404."""
+    templates = {
+        "/items/1": "/items/{item_id}",
+        "/items/2": "/items/{item_id}",
+        "/v1/items/3": "/v1/items/{item_id}",
+    }
+    interned = {template: template for template in templates.values()}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        template = templates.get(scope["path"])
+        if template is not None:
+            scope["path_template"] = interned[template]
+        status = 404 if template is None else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = PrometheusMiddleware(app, registry=registry)
+    statuses = run(get_all(middleware, "/items/1", "/items/2", "/v1/items/3", "/nope", "/items/1"))
+    assert statuses == [200, 200, 200, 404, 200]
+    assert counts(registry) == {
+        ("GET", "/items/{item_id}", "200"): 3,
+        ("GET", "/v1/items/{item_id}", "200"): 1,
+        ("GET", UNKNOWN_PATH, "404"): 1,
+    }
+
+
 def test_wrong_method_is_unknown_like_starlette_exporter_and_does_not_poison_the_cache(middleware, registry):
     assert run(get_all(middleware, "/items/5", method="POST")) == [405]
     assert run(get_all(middleware, "/items/5")) == [200]
