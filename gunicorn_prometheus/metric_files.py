@@ -37,6 +37,8 @@ from . import shared_state
 # file is allocated before MmapedDict maps it, to exactly the size MmapedDict itself would give it.
 _INITIAL_SIZE = 1 << 16
 _USED = struct.Struct("i")
+#: A new file is allocated under its name plus this (no reader lists it), then renamed into place.
+TMP_SUFFIX = ".tmp"
 
 
 def _entry_size(key: str) -> int:
@@ -49,8 +51,19 @@ def _file_prefix(typ: str, multiprocess_mode: str) -> str:
 
 
 def allocate_for(path: str, key: str | None) -> None:
-    """Make sure `path` exists, fully allocated, and (for `key`, if new) big enough. Raises OSError."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Make sure `path` exists, fully allocated, and (for `key`, if new) big enough. Raises OSError.
+
+    A new file is allocated under a temporary name and renamed into place (one writer per file, so the
+    name is fixed): a scrape never reads it empty (an unreadable file to prometheus_client's reader, a
+    read error), and one that cannot be allocated (a full disk) leaves nothing behind. An all-zero file
+    is an empty MmapedDict, to its writer and to its readers.
+    """
+    tmp: str | None = None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        tmp = path + TMP_SUFFIX
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         size = os.fstat(fd).st_size
         used = 0
@@ -63,6 +76,13 @@ def allocate_for(path: str, key: str | None) -> None:
             while used + _entry_size(key) > target:
                 target *= 2
         os.posix_fallocate(fd, 0, target)  # backs every page now, or fails here with ENOSPC
+        if tmp is not None:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
 

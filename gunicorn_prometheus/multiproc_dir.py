@@ -55,7 +55,13 @@ def prepare(directory: str | os.PathLike[str]) -> int:
             f"{variable}={str(path)!r} is in use by another running server; "
             "give each server its own directory"
         ) from None
-    for stale in (*path.glob("*.db"), *path.glob("*.cells")):  # prometheus_client's files, our HTTP cells
+    # prometheus_client's files, our HTTP cells (and any a killed worker was still allocating: *.tmp)
+    for stale in (
+        *path.glob("*.db"),
+        *path.glob("*.cells"),
+        *path.glob("*.db.tmp"),
+        *path.glob("*.cells.tmp"),
+    ):
         stale.unlink(missing_ok=True)
     shutil.rmtree(path / STATE_DIR, ignore_errors=True)
     (path / STATE_DIR).mkdir(mode=0o700)
@@ -105,7 +111,12 @@ def release(directory: str | os.PathLike[str], lock_fd: int) -> None:
     """
     path = Path(directory)
     shared_state.forget(path)
-    for ours in (*path.glob("*.db"), *path.glob("*.cells")):
+    for ours in (
+        *path.glob("*.db"),
+        *path.glob("*.cells"),
+        *path.glob("*.db.tmp"),
+        *path.glob("*.cells.tmp"),
+    ):
         ours.unlink(missing_ok=True)
     shutil.rmtree(path / STATE_DIR, ignore_errors=True)
     (path / LOCK_NAME).unlink(missing_ok=True)

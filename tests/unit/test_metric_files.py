@@ -148,3 +148,22 @@ def test_entry_size_matches_prometheus_clients_layout(tmp_path: Path) -> None:
         d.write_value(key, 1.0, 0.0)
         assert d._used - before == metric_files._entry_size(key)
     d.close()
+
+
+def test_a_file_that_cannot_be_allocated_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    """An empty file left on a full disk is unreadable to prometheus_client's reader: a read error at
+    every scrape (and the read-errors alert) for a fault already counted as a write error."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError):
+        metric_files.allocate_for(str(tmp_path / "counter_w2.db"), None)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    metric_files.allocate_for(str(tmp_path / "counter_w2.db"), None)
+    assert os.listdir(tmp_path) == ["counter_w2.db"]
+    from prometheus_client.mmap_dict import MmapedDict
+
+    assert list(MmapedDict.read_all_values_from_file(str(tmp_path / "counter_w2.db"))) == []
