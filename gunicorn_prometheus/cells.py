@@ -70,6 +70,7 @@ reset by its next holder and by the master when it reaps the holder (:func:`rese
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -77,9 +78,12 @@ import mmap
 import os
 import re
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
+
+from . import shared_state
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,11 @@ VERSION = 1
 FILE_SUFFIX = ".cells"
 FILE_PREFIX = "http_"
 FILE_RE = re.compile(r"http_(?P<identity>[A-Za-z0-9.-]+)\.cells")
+#: A file being created is built under its name plus this (no reader lists it), then renamed into place.
+TMP_SUFFIX = ".tmp"
+#: After a storage failure (full disk, removed directory), the next allocation is tried this much later,
+#: not on every request: a full disk must not cost a system call per request.
+RETRY_SECONDS = 2.0
 
 KIND_PAD = 0
 KIND_HISTOGRAM = 1
@@ -106,6 +115,10 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 
 _HEADER_FIXED = struct.Struct("=8sIIQQII24x")  # magic, version, header size, used, pid, n, chunk
 _RECORD_HEAD = struct.Struct("=IHH")
+
+
+#: The retry clock; a module global so tests can substitute a fake one.
+_monotonic = time.monotonic
 
 
 def _align8(n: int) -> int:
@@ -192,7 +205,16 @@ class CellsWriter:
         self.fd = -1
         self.chunks: list[_Chunk] = []
         self.used = self.header_size
-        self.failed = False  # once set, new label sets go to the overflow row
+        #: while set, new label sets go to the overflow row; allocation is tried again once RETRY_SECONDS
+        #: have passed since ``failed_at`` (a full disk may get room again)
+        self.failed = False
+        self.failed_at = 0.0
+        self._error: OSError = StorageError("no storage")
+        #: bumped whenever storage comes back after a failure: callers' cached overflow rows are stale
+        self.generation = 0
+        # Mappings replaced by a file that could be created later: callers may still hold views of them
+        # (the overflow row, an in-flight request's gauge cell), so they are never unmapped.
+        self._retired: list[_Chunk] = []
         self._histograms: dict[tuple[str, ...], HistogramRow] = {}
         self._gauges: dict[tuple[str, ...], GaugeCell] = {}
         if directory is not None:
@@ -203,6 +225,15 @@ class CellsWriter:
                 self._degrade(err, "cannot create or open")
         if not self.chunks:  # no directory, or it failed: same code path over anonymous memory
             self._new_anonymous()
+        self._point_overflow()
+
+    @property
+    def overflow_visible(self) -> bool:
+        """Whether the overflow row is in the file, where readers count it as write errors; if not (the
+        file could not be created: anonymous memory), its requests must be counted elsewhere."""
+        return self.fd >= 0 or self.path is None
+
+    def _point_overflow(self) -> None:
         self.overflow = HistogramRow(self.chunks[0].cells, self.chunks[0].words, self._overflow_base(), -1)
         self.overflow_gauge = GaugeCell(self.chunks[0].cells, self._overflow_base() + self.n + 2)
 
@@ -234,38 +265,52 @@ class CellsWriter:
 
     def _open_file(self) -> None:
         assert self.path is not None
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._create_file()
+            return
         try:
             size = os.fstat(fd).st_size
-            if size and not self._continue(fd, size):
+            if not self._continue(fd, size):
                 # Another layout (version, buckets) or damaged: start a new file under the same name. Its
                 # old counts are lost to this slot; only a bucket change without a restart leads here.
                 log.warning("HTTP metrics: %s has another layout or is damaged; starting it afresh",
                             self.path)  # fmt: skip
                 os.close(fd)
-                fd = self._replace_file()
-                size = 0
-            if not size:
-                _reserve(fd, 0, self.chunk_size)
-                self.chunks = [self._map(fd, 0)]
-                self._write_header(self.chunks[0])
-                self.used = self.header_size
+                self._create_file()
+                return
         except BaseException:
             self._unmap()
             os.close(fd)
             raise
         self.fd = fd
 
-    def _replace_file(self) -> int:
+    def _create_file(self) -> None:
+        """Build a complete first chunk (allocated, header written) under a temporary name, then rename
+        it into place: readers never see a file under the real name that is empty or has no header yet,
+        and a creation that fails (a full disk) leaves nothing behind. One writer per identity, so the
+        temporary name is fixed (a leftover of a writer killed mid-creation is simply reused)."""
         assert self.path is not None
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        tmp = self.path + TMP_SUFFIX
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.replace(tmp, self.path)  # readers holding the old file keep reading the old inode
-        return fd
+        try:
+            _reserve(fd, 0, self.chunk_size)
+            self.chunks = [self._map(fd, 0)]
+            self._write_header(self.chunks[0])
+            self.used = self.header_size
+            os.replace(tmp, self.path)  # readers holding an old file keep reading the old inode
+        except BaseException:
+            self._unmap()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.fd = fd
 
     def _continue(self, fd: int, size: int) -> bool:
         """Take over an existing file (a predecessor's in this slot): index its records, reset gauges."""
-        if size % self.chunk_size or size > MAX_FILE_BYTES:
+        if not size or size % self.chunk_size or size > MAX_FILE_BYTES:
             return False
         head = os.pread(fd, self.header_size, 0)
         parsed = _parse_header(head, size)
@@ -295,6 +340,8 @@ class CellsWriter:
         Rows handed out before must not be used afterwards.
         """
         self._unmap()
+        self.chunks, self._retired = self._retired, []
+        self._unmap()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -308,28 +355,63 @@ class CellsWriter:
 
     # --- allocation ----------------------------------------------------------------------------------
     def histogram(self, labels: tuple[str, ...]) -> HistogramRow:
+        """The label set's row, or the overflow row when it cannot be stored (not remembered here: asked
+        again, after RETRY_SECONDS, a label set gets a row of its own once there is room)."""
         row = self._histograms.get(labels)
         if row is None:
             found = self._allocate(KIND_HISTOGRAM, labels, histogram_cells(self.n))
             if found is None:
-                row = self.overflow
-            else:
-                chunk, index = found
-                row = HistogramRow(chunk.cells, chunk.words, index, index + self.n + 2)
-            self._histograms[labels] = row
+                return self.overflow
+            chunk, index = found
+            row = self._histograms[labels] = HistogramRow(chunk.cells, chunk.words, index, index + self.n + 2)
         return row
 
     def in_progress(self, labels: tuple[str, ...]) -> GaugeCell:
         cell = self._gauges.get(labels)
         if cell is None:
             found = self._allocate(KIND_IN_PROGRESS, labels, 1)
-            cell = self.overflow_gauge if found is None else GaugeCell(found[0].cells, found[1])
-            self._gauges[labels] = cell
+            if found is None:
+                return self.overflow_gauge
+            cell = self._gauges[labels] = GaugeCell(found[0].cells, found[1])
         return cell
+
+    def count_unstored(self) -> None:
+        """Count one request recorded in the overflow row when no reader can see that row (the file
+        could not be created): as a write error of this process in the shared table, which is shared
+        memory allocated at start, so counting there needs no room on the disk."""
+        if not self.overflow_visible:
+            shared_state.record_write_error(self.path or "", self._error, "HTTP metrics")
+
+    def retry_due(self) -> bool:
+        """Whether storage failed and may be tried again now (at most once every RETRY_SECONDS)."""
+        return self.failed and _monotonic() - self.failed_at >= RETRY_SECONDS
+
+    def _recover(self) -> bool:
+        """Try the failed storage again: create the file if there is none (with a file, the allocation
+        that follows grows it if it needs room)."""
+        if self.fd >= 0:
+            return True
+        anonymous = self.chunks
+        self.chunks = []
+        try:
+            self._open_file()
+        except OSError as err:
+            self.chunks = anonymous
+            self._degrade(err, "cannot create or open")
+            return False
+        self._retired.extend(anonymous)
+        self._point_overflow()
+        self._recovered()
+        return True
+
+    def _recovered(self) -> None:
+        self.failed = False
+        self.generation += 1
+        log.warning("HTTP metrics: %s is writable again; new label sets are counted by label", self.path)
 
     def _allocate(self, kind: int, labels: tuple[str, ...], n_cells: int) -> tuple[_Chunk, int] | None:
         """Append a record; return its chunk and the index of its first cell, or None (overflow)."""
-        if self.failed:
+        if self.failed and not (self.retry_due() and self._recover()):
             return None
         key = json.dumps(list(labels), ensure_ascii=False, separators=(",", ":")).encode()
         if len(key) > MAX_KEY_BYTES:
@@ -353,6 +435,8 @@ class CellsWriter:
         chunk.mapping[start : start + len(key)] = key
         self.used = used + size
         self.chunks[0].words[2] = self.used  # publish: the record is complete
+        if self.failed:
+            self._recovered()
         return chunk, (start + _align8(len(key))) // 8
 
     def _grow(self) -> bool:
@@ -372,14 +456,21 @@ class CellsWriter:
         return True
 
     def _degrade(self, err: OSError, what: str) -> None:
+        """New label sets go to the overflow row until a retry succeeds; logged once per failure spell."""
+        self.failed_at = _monotonic()
+        self._error = err
+        if self.failed:
+            return
         self.failed = True
         log.warning(
             "HTTP metrics: %s %s: %s. Requests of new label sets are not counted by label but in "
             "gunicorn_metrics_write_errors_total; the app keeps serving. Give PROMETHEUS_MULTIPROC_DIR "
-            "more room (e.g. a larger /dev/shm: docker run --shm-size) or a writable place, then restart.",
+            "more room (e.g. a larger /dev/shm: docker run --shm-size) or a writable place: storage is "
+            "tried again every %g s and counting by label resumes by itself.",
             what,
             self.path,
             err.strerror or err,
+            RETRY_SECONDS,
         )
 
     # --- in-process reading (no directory: the middleware's own registry) ----------------------------

@@ -292,6 +292,8 @@ class PrometheusMiddleware:
         self._otel_countdown = 0
         # The last label set recorded and its row: (route, context, status, method, root_path, row).
         self._last: tuple[Any, ...] = (_NOTHING,) * 6
+        # The writer's generation the caches were filled in (it changes when storage comes back).
+        self._generation = self._store.writer.generation
 
     @property
     def cells_path(self) -> str | None:
@@ -381,6 +383,8 @@ class PrometheusMiddleware:
                 else:
                     row = self._row_for(scope, root_path, method, status)
                     self._last = (route, context, status, method, routed_root_path, row)
+                if row.exemplars < 0:  # the overflow row: storage failed (rare), see _unstored
+                    row = self._unstored(scope, root_path, method, status, row)
                 row_cells = row.cells
                 base = row.base
                 row_cells[base] += duration
@@ -444,6 +448,8 @@ class PrometheusMiddleware:
     def _record(self, scope: Scope, root_path: str, method: str, status: int, duration: float) -> None:
         """The request path's recording, for the rare requests that end without a final body message."""
         row = self._row_for(scope, root_path, method, status)
+        if row.exemplars < 0:
+            row = self._unstored(scope, root_path, method, status, row)
         bucket = bisect_left(self._store.upper_bounds, duration)
         row.cells[row.base] += duration
         row.cells[row.base + 1 + bucket] += 1
@@ -457,6 +463,30 @@ class PrometheusMiddleware:
                 if self._otel is not None and (self._otel_provider or self._otel_provider_is_set()):
                     trace = _current_otel_trace(self._otel)
             self._exemplar(trace, row, bucket, duration)
+
+    def _unstored(
+        self, scope: Scope, root_path: str, method: str, status: int, row: cells.HistogramRow
+    ) -> cells.HistogramRow:
+        """A request whose label set got the overflow row (storage full, or no file): the row to record
+        it in, and the request counted as a write error where a scrape sees it.
+
+        Once the writer's retry interval has passed, the cached rows and gauge cells are forgotten and
+        this label set is asked for again, so counting by label resumes once there is room (the writer
+        tries the disk at most once per interval, however many requests ask). Until then, when the
+        overflow row is not in a file (the file could not be created), each request is counted in the
+        shared table instead.
+        """
+        writer = self._store.writer
+        if writer.retry_due() or writer.generation != self._generation:
+            self._generation = writer.generation
+            self._rows.clear()
+            self._gauges.clear()  # requests in flight keep the cell they incremented
+            self._last = (_NOTHING,) * 6  # the next request goes through the (refilled) caches
+            row = self._row_for(scope, root_path, method, status)
+            if row.exemplars >= 0:
+                return row
+        writer.count_unstored()
+        return row
 
     @staticmethod
     def _exemplar(

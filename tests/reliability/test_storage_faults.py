@@ -7,12 +7,14 @@ in `gunicorn_metrics_write_errors_total` and /healthz.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 from gunicorn_prometheus import names
-from tests.support.faults import LEAN, fill, kill_worker, scrape, wait_replacement_serving
+from tests.support.faults import LEAN, TINY_APP, Scrape, fill, kill_worker, scrape, wait_replacement_serving
 from tests.support.server import write_app
 from tests.support.waiting import wait_until
 
@@ -93,6 +95,51 @@ def test_full_tmpfs_under_load(start_server, app_dir, small_tmpfs, load, peaks, 
         series=final.series(),
         **peak.figures(),
     )
+
+
+def _counted(final: Scrape, before: Scrape, slot: str) -> tuple[float, float]:
+    """Requests counted by label since `before`, and write errors of `slot` since then."""
+    by_label = final.total("starlette_requests_total") - before.total("starlette_requests_total")
+    errors = final.total(WRITE_ERRORS, process=slot) - before.total(WRITE_ERRORS, process=slot)
+    return by_label, errors
+
+
+def test_a_worker_booted_on_a_full_disk_counts_every_request_then_resumes(
+    start_server, app_dir, small_tmpfs, load
+):
+    """A worker added (TTIN) on a full tmpfs cannot create its HTTP cells file: every request it answers
+    is a write error of its slot (none vanishes), no partial file is left for scrapes to count as a read
+    error, and once space is freed it counts by label again, without a restart."""
+    write_app(app_dir, TINY_APP)
+    mount = small_tmpfs(2**20)
+    directory = mount / "metrics"
+    server = start_server(app_dir, PROMETHEUS_MULTIPROC_DIR=str(directory), **LEAN)
+    server.wait_metrics_ready()
+    wait_replacement_serving(server, boots=2)
+    ballast = mount / "ballast"
+    assert fill(mount) > 0
+    os.kill(server.master().pid, signal.SIGTTIN)
+    wait_replacement_serving(server, boots=3, workers=3)
+    before = scrape(server)
+    run = load(server, clients=4, budget=300).join()
+    by_label, errors = _counted(scrape(server), before, "w2")
+    assert set(run.statuses) == {200} and run.answered == 300, (run.errors, run.statuses)
+    assert by_label < run.answered and by_label + errors >= run.answered, (by_label, errors)
+    assert not (directory / "http_w2.cells").exists()
+    assert scrape(server).total(names.METRICS_READ_ERRORS + "_total") == 0
+    assert "skipping unreadable" not in server.logs()
+
+    ballast.unlink()
+    wait_until(
+        lambda: server.get("/").status_code == 200 and (directory / "http_w2.cells").exists(),
+        15,
+        "the worker on the full disk creating its cells file once there is room",
+    )
+    before = scrape(server)
+    run = load(server, clients=4, budget=300).join()
+    by_label, errors = _counted(scrape(server), before, "w2")
+    assert run.answered == 300 and (by_label, errors) == (300, 0)
+    assert "Traceback" not in server.logs()
 
 
 def test_directory_removed_under_load(start_server, app_dir, load, figures):

@@ -210,3 +210,93 @@ def test_random_damage_never_breaks_a_scrape_nor_lowers_a_count(tmp_path_factory
     MultiProcessDirCollector(registry, str(tmp))
     generate_latest(registry)  # must neither raise nor hang
     generate_openmetrics(registry)
+
+
+class RetryClock:
+    """Stands in for the writer's retry clock: time moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _full(fd: int, offset: int, length: int) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_file_that_cannot_be_created_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    """A partial file would be read as damaged at every scrape (and fire the read-errors alert)."""
+    monkeypatch.setattr(cells, "_reserve", _full)
+    writer = cells.CellsWriter(BOUNDS, str(tmp_path), "w1")
+    assert writer.failed and not writer.overflow_visible
+    assert sorted(os.listdir(tmp_path)) == []
+    collector = MultiProcessDirCollector(None, str(tmp_path))
+    list(collector.collect())
+    assert collector.read_errors == 0
+
+
+def test_a_scrape_during_creation_sees_no_file_rather_than_a_torn_one(tmp_path: Path, monkeypatch) -> None:
+    """The scrape runs while the first chunk is allocated and its header not written yet."""
+    collector = MultiProcessDirCollector(None, str(tmp_path))
+    during: list[tuple[int, int]] = []
+    write_header = cells.CellsWriter._write_header
+
+    def scrape_first(self: cells.CellsWriter, chunk: object) -> None:
+        list(collector.collect())
+        during.append((collector.read_errors, collector.cell_files_read))
+        write_header(self, chunk)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cells.CellsWriter, "_write_header", scrape_first)
+    writer = cells.CellsWriter(BOUNDS, str(tmp_path), "w0")
+    observe(writer.histogram(LABELS), 0.3)
+    assert during == [(0, 0)]
+    assert not list(tmp_path.glob("*" + cells.TMP_SUFFIX))
+    assert read(tmp_path) is not None
+
+
+def test_a_full_disk_is_tried_again_after_the_retry_interval(tmp_path: Path, monkeypatch) -> None:
+    clock = RetryClock()
+    monkeypatch.setattr(cells, "_monotonic", clock)
+    writer = cells.CellsWriter(BOUNDS, str(tmp_path), "w0")
+    observe(writer.histogram(LABELS), 0.3)
+    attempts: list[int] = []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        attempts.append(offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cells, "_reserve", full)
+    new = [("GET", f"/r{i}", "200", "app") for i in range(400)]
+    assert [writer.histogram(labels) for labels in new][-1] is writer.overflow
+    tried = len(attempts)
+    assert tried == 1  # once, not once per label set
+    monkeypatch.setattr(cells, "_reserve", lambda fd, offset, length: os.posix_fallocate(fd, offset, length))
+    clock.now += cells.RETRY_SECONDS / 2
+    assert writer.histogram(new[-1]) is writer.overflow  # not yet: a full disk costs no call per request
+    clock.now += cells.RETRY_SECONDS / 2
+    row = writer.histogram(new[-1])
+    assert row is not writer.overflow and not writer.failed
+    observe(row, 0.05)
+    snap = read(tmp_path)
+    assert snap is not None and snap.histograms[new[-1]][1:] == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_a_file_that_could_not_be_created_is_created_on_a_later_try(tmp_path: Path, monkeypatch) -> None:
+    clock = RetryClock()
+    monkeypatch.setattr(cells, "_monotonic", clock)
+    monkeypatch.setattr(cells, "_reserve", _full)
+    writer = cells.CellsWriter(BOUNDS, str(tmp_path), "w0")
+    held = writer.overflow  # a caller's cached overflow row stays usable after the file appears
+    assert writer.histogram(LABELS) is held
+    monkeypatch.undo()
+    monkeypatch.setattr(cells, "_monotonic", clock)
+    clock.now += cells.RETRY_SECONDS
+    row = writer.histogram(LABELS)
+    assert row is not held and writer.overflow_visible and writer.generation == 1
+    observe(row, 0.3)
+    observe(held, 0.3)
+    snap = read(tmp_path)
+    assert snap is not None and snap.histograms[LABELS][1:] == [0.0, 1.0, 0.0, 0.0]
+    writer.close()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from gunicorn_prometheus import instrumentation
+from gunicorn_prometheus import cells, instrumentation, shared_state
 from gunicorn_prometheus.collector import MultiProcessDirCollector
 from gunicorn_prometheus.instrumentation import (
     OTHER_METHOD,
@@ -572,3 +575,38 @@ def test_an_opentelemetry_span_becomes_the_exemplar_once_a_tracer_provider_is_se
     )
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     assert out.splitlines() == ["before []", "countdown []", f"after ['{trace_id}']"], out
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Iterator[shared_state.Table]:
+    """A shared table in `tmp_path`, where this process counts its write errors as slot 3."""
+    (tmp_path / shared_state.STATE_DIR).mkdir()
+    created = shared_state.create(tmp_path)
+    shared_state.count_write_errors_as(created, 3)
+    yield created
+    shared_state.count_write_errors_as(None, None)
+    shared_state.forget(tmp_path)
+
+
+def test_a_worker_without_a_cells_file_counts_its_requests_as_write_errors_then_by_label(
+    tmp_path: Path, table: shared_state.Table, monkeypatch: pytest.MonkeyPatch
+):
+    """The file cannot be created (a full disk): no request is lost from sight, each one is a write error
+    of the worker's slot in the shared table; once there is room, requests are counted by label again."""
+    clock = {"now": 50.0}
+    monkeypatch.setattr(cells, "_monotonic", lambda: clock["now"])
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cells, "_reserve", full)
+    middleware = PrometheusMiddleware(make_app(), registry=None, directory=str(tmp_path))
+    assert run(get_all(middleware, "/items/1", "/items/2", "/nope", "/items/3")) == [200, 200, 404, 200]
+    assert table.worker(3).write_errors == 4
+    assert not list(tmp_path.glob("*.cells"))
+    monkeypatch.setattr(cells, "_reserve", lambda fd, offset, length: os.posix_fallocate(fd, offset, length))
+    run(get_all(middleware, "/items/4"))  # the retry interval has not passed: still a write error
+    clock["now"] += cells.RETRY_SECONDS
+    run(get_all(middleware, "/items/5", "/items/6", "/nope"))
+    assert table.worker(3).write_errors == 5
+    assert _http_count(MultiProcessDirCollector(None, tmp_path)) == 3
