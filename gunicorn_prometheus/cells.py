@@ -49,9 +49,14 @@ The writer reserves the file in chunks of C bytes with ``posix_fallocate`` (at o
 label set does not fit), so a full filesystem is an ``OSError`` at that moment, never a SIGBUS on a later
 store into an unbacked page; each chunk is its own mapping, so growing never moves cells already handed
 out. A new record is written completely (its cells are the zeros fallocate left) *before* ``used`` is
-advanced to cover it, so a reader never sees a half-written key. If the filesystem is full the label set
-is given the header's overflow row instead: its requests are still counted, as write errors, and nothing
-fails.
+advanced to cover it, so a reader never sees a half-written key. A new file is built under
+``http_<identity>.cells.tmp`` (header written, first chunk allocated) and renamed into place, so no
+reader ever finds an empty or headerless file under the real name. If the filesystem is full the label
+set is given the header's overflow row instead: its requests are still counted, as write errors, and
+nothing fails. If the file itself cannot be created, the cells live in anonymous memory that no reader
+sees, and each request given the overflow row is counted as a write error of the process in the shared
+table (:mod:`gunicorn_prometheus.shared_state`). A failed allocation is tried again at most every
+``RETRY_SECONDS``, so counting by label resumes once there is room.
 
 Torn reads: each cell is one aligned 8-byte store by the writer and one aligned 8-byte load by the reader
 (both sides go through mappings, never ``read()``, whose kernel copy could split a word), so a cell is read
