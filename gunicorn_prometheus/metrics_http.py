@@ -9,6 +9,10 @@ for running out of file descriptors. This one serves two GET routes and nothing 
 - a connection must send a complete request head within HEAD_TIMEOUT, and may stay idle between
   requests for IDLE_TIMEOUT; a TLS handshake gets HANDSHAKE_TIMEOUT;
 - request line > MAX_REQUEST_LINE bytes: 414; head > MAX_HEAD bytes or > MAX_HEADERS lines: 431;
+- every byte a client sends is checked where the head is parsed, before any handler sees it: a target
+  that is not a plain path (optionally with a query) or a control character anywhere in the head is 400.
+  What a handler gets (`Request.path`, header values) needs no further parsing that could fail, so no
+  client can make the server log a traceback;
 - at most `max_connections` at once (well below the open-files limit): a new connection over the cap,
   or an accept that fails for lack of file descriptors (EMFILE), closes the connection that has waited
   longest without a request in progress; with none to close, accepting pauses briefly (no busy loop;
@@ -21,13 +25,13 @@ import asyncio
 import collections
 import errno
 import logging
+import re
 import resource
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +60,16 @@ def connection_cap(wanted: int = DEFAULT_MAX_CONNECTIONS) -> int:
 @dataclass
 class Request:
     method: str
-    target: str
+    target: str  # origin-form, checked by _parse_head (_TARGET)
     version: str
     headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
     tls: bool = False
 
     @property
     def path(self) -> str:
-        return urlsplit(self.target).path
+        """The target up to its query. Not urlsplit: it parses "//host/..." as an authority (and raised
+        ValueError, a 500 with a traceback, on "//[") where an origin-form target has only a path."""
+        return self.target.partition("?")[0]
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)
@@ -90,20 +96,32 @@ class _HeadError(Exception):
         self.status = status
 
 
+# Origin-form (RFC 9112 3.2.1): a path of RFC 3986 path characters, then optionally "?" and a query of
+# visible ASCII (ignored here, so kept lenient). "//[" and the like are 400, never parsed any further.
+# No space or control character anywhere: a bare LF or CR would end a line for some other parser, and what
+# is echoed into a response header or a log line must not be able to start a new one.
+_TARGET = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[\x21-\x7e]*)?")
+_METHOD = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # a token (RFC 9110)
+# A header value: HTAB, space, visible ASCII and obs-text (RFC 9110 field-value); no other control byte.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _parse_head(head: bytes) -> Request:
+    """The request head (without its final blank line) as a Request; _HeadError for anything malformed."""
     lines = head.split(b"\r\n")
     try:
         method, target, version = lines[0].decode("ascii").split(" ")
     except (UnicodeDecodeError, ValueError):
         raise _HeadError(HTTPStatus.BAD_REQUEST) from None
-    if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/"):
+    well_formed = _METHOD.fullmatch(method) and _TARGET.fullmatch(target)
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not well_formed:
         raise _HeadError(HTTPStatus.BAD_REQUEST)
     if len(lines) - 1 > MAX_HEADERS:
         raise _HeadError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
+        if not sep or not name or name != name.strip() or _CONTROL.search(line):
             raise _HeadError(HTTPStatus.BAD_REQUEST)
         headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
     return Request(method, target, version, headers)

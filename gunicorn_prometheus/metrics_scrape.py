@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import gzip
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -150,10 +150,20 @@ class Scrapes:
         """prometheus_client's own negotiation (text or OpenMetrics) and gzip, as its WSGI app does."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Snapshot(families))
-        encoder, content_type = choose_encoder(accept)
+        encoder, content_type = _negotiate(accept)
         body = encoder(registry)
         headers = [("Content-Type", content_type)]
         if gzip_accepted(accept_encoding):
             body = gzip.compress(body, compresslevel=6)
             headers.append(("Content-Encoding", "gzip"))
         return body, headers
+
+
+def _negotiate(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """prometheus_client's choice of format for an `Accept` header, or the plain text format when it cannot
+    choose: it compares the `version=` parameter as a tuple of ints and strs, and raised TypeError on
+    `text/plain; version=foo`, a 500 and a traceback for any client that sent it."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder("")

@@ -293,6 +293,34 @@ def test_request_limits_and_timeouts(start_server, app_dir):
         assert 9 <= time.monotonic() - started < 15
 
 
+MALFORMED = [
+    (b"GET //[ HTTP/1.1\r\n", b"400"),  # urlsplit raised ValueError on it: a 500 and a traceback
+    (b"GET //host/metrics HTTP/1.1\r\n", b"404"),  # a path, not an authority to skip
+    (b"GET /metrics\x01 HTTP/1.1\r\n", b"400"),
+    (b"G\x7fT /metrics HTTP/1.1\r\n", b"400"),
+    (b"GET /metrics HTTP/1.1\r\nAccept: text/plain\nX-Injected: 1\r\n", b"400"),
+    (b"GET /metrics HTTP/1.1\r\nX-Nul: a\x00b\r\n", b"400"),
+    # prometheus_client compares the version as a tuple of ints and strs: TypeError, a 500 and a traceback
+    (b"GET /metrics HTTP/1.1\r\nAccept: text/plain; version=foo\r\n", b"200"),
+    (b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.x\r\n", b"200"),
+    (b"GET /metrics?a[]=|{} HTTP/1.1\r\n", b"200"),  # a query is not parsed: lenient
+]
+
+
+def test_malformed_requests_get_an_answer_and_no_traceback(start_server, app_dir):
+    """Whatever a client sends is checked where the head is parsed: 400 for a malformed target or a control
+    character, the plain text format for an Accept header prometheus_client cannot compare; never a 500,
+    and nothing in the logs for it (each such request used to log a 14-line traceback)."""
+    write_app(app_dir)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    for head, status in MALFORMED:
+        answer = _raw(server, head + b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), (head, answer[:300])
+    assert server.metrics_get("/healthz").status_code == 200  # and the peers went on serving
+    assert "Traceback" not in server.logs(), server.logs()
+
+
 def _raw(server, data: bytes, timeout: float = 10) -> bytes:
     """Send `data` as is and read the answer until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", server.metrics_port), timeout=timeout) as sock:
