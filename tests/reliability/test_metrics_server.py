@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import gzip
 import os
 import signal
@@ -321,6 +322,81 @@ def test_malformed_requests_get_an_answer_and_no_traceback(start_server, app_dir
     assert "Traceback" not in server.logs(), server.logs()
 
 
+# An app whose /metrics is large (about 1.6 MB): 6,000 series with long label values.
+WIDE_APP = """
+    from prometheus_client import Counter
+
+    WIDE = Counter("wide_series", "Many series, for a large /metrics body.", ["key"])
+    for i in range(6000):
+        WIDE.labels(f"{i:05d}-" + "x" * 240).inc()
+
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+"""
+PIPELINED = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _non_reader(port: int) -> socket.socket:
+    """A client with a 4 KiB receive buffer that will never read: its responses pile up at the server."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window is set then
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+def test_clients_that_pipeline_and_never_read_cost_bounded_memory(start_server, app_dir, figures):
+    """4 clients pipeline GET /metrics (1.6 MB each) 20 times a second and never read an answer.
+
+    A peer takes the next request of a connection only once the last response has left its buffer (asyncio
+    flow control), so each such connection costs one response at most: the peers' memory stays flat while
+    the requests keep coming, and other clients' scrapes are answered meanwhile. Reading on and answering
+    every pipelined request grew each peer by 4-5 MB a second, for as long as the client stayed.
+    """
+    write_app(app_dir, WIDE_APP)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: len(_peers(server)) == 2, 10, "two metrics peers")
+    body = len(server.metrics_get("/metrics").content)
+    for _ in range(4):  # both peers have built and sent a large body once: their memory is warm
+        assert server.metrics_get("/metrics").status_code == 200
+    peers = _peers(server)
+    before = {p.pid: p.memory_info().rss for p in peers}
+    clients = [_non_reader(server.metrics_port) for _ in range(4)]
+    growth: list[int] = []
+    scrapes: list[float] = []
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for sock in clients:
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(PIPELINED)
+            if len(growth) % 10 == 0:
+                started = time.monotonic()
+                assert server.metrics_get("/metrics").status_code == 200
+                scrapes.append(time.monotonic() - started)
+            growth.append(max(p.memory_info().rss - before[p.pid] for p in peers))
+            time.sleep(0.05)  # the clients' pace: 20 requests a second each
+    finally:
+        for sock in clients:
+            sock.close()
+    half = len(growth) // 2
+    late = max(growth[half:]) - max(growth[:half])
+    assert max(growth) < 4 * body + 16 * 2**20, (max(growth), body)
+    assert late < 4 * 2**20, (late, growth)
+    figures.record(
+        body_mb=round(body / 2**20, 2),
+        non_reading_clients=len(clients),
+        peer_rss_growth_max_mb=round(max(growth) / 2**20, 1),
+        growth_second_half_mb=round(late / 2**20, 1),
+        other_scrapes=len(scrapes),
+        other_scrape_max_ms=round(max(scrapes) * 1000),
+    )
+
+
 def _raw(server, data: bytes, timeout: float = 10) -> bytes:
     """Send `data` as is and read the answer until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", server.metrics_port), timeout=timeout) as sock:
@@ -591,3 +667,53 @@ def test_out_of_file_descriptors_closes_the_longest_waiting(figures):
         answer_ms=round(elapsed * 1000, 1),
         server_cpu_s_in_idle_window=round(cpu, 3),
     )
+
+
+_BIG_SERVER = """
+import asyncio, socket, sys
+from gunicorn_prometheus.metrics_http import HttpServer, Response
+
+
+async def main():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    print(listener.getsockname()[1], flush=True)
+
+    async def handler(request):
+        return Response(200, b"x" * 8_000_000)  # twice the most a kernel send buffer takes
+
+    HttpServer(listener, handler, send_timeout=float(sys.argv[1])).start()
+    await asyncio.Event().wait()
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_a_client_that_never_reads_is_closed_after_the_send_timeout(connection):
+    """A client that reads nothing of an 8 MB response is disconnected once SEND_TIMEOUT (1 s here) passes
+    without progress, whether the connection was to be kept alive or closed after the response (a
+    closing transport otherwise waits for the client for ever, holding the response)."""
+    child = subprocess.Popen([sys.executable, "-c", _BIG_SERVER, "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        proc = psutil.Process(child.pid)
+        sock = _non_reader(port)
+        sock.setblocking(True)
+        sent = time.monotonic()
+        sock.sendall(f"GET / HTTP/1.1\r\nConnection: {connection}\r\n\r\n".encode())
+
+        def held() -> int:
+            return sum(c.status == psutil.CONN_ESTABLISHED for c in proc.net_connections("tcp"))
+
+        wait_until(lambda: held() == 1, 5, "the server to hold the connection")
+        wait_until(lambda: held() == 0, 5, "the server to close the connection")
+        closed_after = time.monotonic() - sent
+        sock.close()
+    finally:
+        child.kill()
+        child.wait()
+    assert closed_after >= 1, closed_after
