@@ -40,8 +40,9 @@ def lock_directory(directory: str) -> int:
 def start_metrics(settings: Settings) -> metrics_process.MetricsSide:
     """Bind the metrics port in this process (a taken port is a one-line error) and start the peers.
 
-    Only the first peer keeps the listening socket: this process's copy is closed before it returns, so
-    no worker inherits it.
+    The returned side keeps this process's copy of the listening socket, to start a new pair should every
+    peer be gone (metrics_process); each worker closes it as it forks (Master.post_fork), and `stop`
+    closes it here.
     """
     host, port = settings.metrics_host, settings.metrics_port
     try:
@@ -50,8 +51,9 @@ def start_metrics(settings: Settings) -> metrics_process.MetricsSide:
         raise launch.bind_error(f"METRICS_PORT={port}", host, port, err) from None
     try:
         return metrics_process.start(sock, master_pid=os.getpid(), directory=settings.multiproc_dir)
-    finally:
+    except BaseException:
         sock.close()
+        raise
 
 
 def start(settings: Settings) -> Started:

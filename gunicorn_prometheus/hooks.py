@@ -268,6 +268,8 @@ class Master:
 
     def post_fork(self, server: Any, worker: Any) -> None:
         _die_with_master(server.pid)
+        metrics_process.release_in_worker(self.supervisor)  # the metrics port is not the worker's to hold
+        self.supervisor = None
         slots.set_identity(slots.slot_identity(worker.prometheus_slot))
         shared_state.count_write_errors_as(shared_state.open_table(self.directory), worker.prometheus_slot)
         server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=False)

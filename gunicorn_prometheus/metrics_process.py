@@ -3,9 +3,10 @@
 The Gunicorn master must stay single-threaded (it forks workers) and must never wait on a scrape, so the
 metrics server runs in processes of its own. The master binds the metrics socket itself (so a taken port
 fails the start in one line), spawns the first peer with a fresh interpreter (no fork: nothing of the
-master is inherited but that socket and a pidfd of the master), and closes its own copies before any
-worker forks. The first peer forks the second as soon as its imports are done, before it has a thread or
-an event loop (one interpreter start-up, not two, competing with the workers' boot); from then on both
+master is inherited but that socket and a pidfd of the master), and keeps its own copy for a restart
+(see below; workers close theirs as they fork). The first peer forks the second as soon as its imports
+are done, before it has a thread or an event loop (one interpreter start-up, not two, competing with the
+workers' boot); from then on both
 serve the same listening socket (the kernel hands each connection to one of them) and each watches the
 other and the master through pidfds. A replacement for a peer that died is a fresh interpreter again: the
 survivor has threads and a running loop by then, which a fork must not copy.
@@ -18,6 +19,18 @@ without a gap (the listening socket never closes), and the survivor starts a rep
 pidfd works for any process, not only for children, so it does not matter who ended up whose parent.
 Both leave as soon as the master is gone, so nothing of the metrics side outlives it.
 
+What the peers cannot cover is every peer gone at once: both killed together (`kill -9` of both, the OOM
+killer), or the survivor killed while it waits out the back-off of a replacement that died young. Then
+nothing was left to start another, and the port stayed closed for good, silently. So the master keeps
+what a start needs (its copy of the listening socket, the shared table's descriptor) and learns, without
+a loop or a thread of its own, when no peer is left: every peer holds the write end of a pipe (the
+"lifeline") whose read end only the master has, with O_ASYNC, so the kernel sends the master SIGIO when
+the last write end closes, i.e. when the last peer has exited however it ended. The master's handler then
+starts a new pair the way the first was started, at once, or after a back-off (SIGALRM) if the last pair
+lived less than STABLE_AFTER; one log line either way. The listening socket never closes meanwhile: a
+connection made in the gap waits in its backlog. Workers close the master's copies when they fork
+(`release_in_worker`), so none of them holds the port or gets these signals.
+
 Command lines must not contain "gunicorn" (upstream's harness counts those `ps` rows as master and
 workers), so everything is handed over through the environment and inherited file descriptors, and the
 processes are named `prometheus-metrics-server` (their argv[0]).
@@ -26,6 +39,7 @@ processes are named `prometheus-metrics-server` (their argv[0]).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import site
@@ -57,7 +71,16 @@ ENV_MASTER_PIDFD = "PROMETHEUS_METRICS_MASTER_PIDFD"
 ENV_PEER_PID = "PROMETHEUS_METRICS_PEER_PID"
 ENV_PEER_PIDFD = "PROMETHEUS_METRICS_PEER_PIDFD"
 ENV_TABLE_FD = "PROMETHEUS_METRICS_TABLE_FD"  # the shared state table's file (see shared_state.adopt_table)
-_HANDOFF = (ENV_LISTEN_FD, ENV_MASTER_PID, ENV_MASTER_PIDFD, ENV_PEER_PID, ENV_PEER_PIDFD, ENV_TABLE_FD)
+ENV_LIFELINE_FD = "PROMETHEUS_METRICS_LIFELINE_FD"  # the lifeline's write end, kept open for life
+_HANDOFF = (
+    ENV_LISTEN_FD,
+    ENV_MASTER_PID,
+    ENV_MASTER_PIDFD,
+    ENV_PEER_PID,
+    ENV_PEER_PIDFD,
+    ENV_TABLE_FD,
+    ENV_LIFELINE_FD,
+)
 
 # argv[0] is the process name, so the interpreter cannot find its installation from it: PYTHONHOME
 # (set for the child only) locates the standard library, -S skips the automatic site-packages, and this
@@ -99,7 +122,13 @@ def _site_dirs() -> str:
 
 
 def spawn_peer(
-    *, listen_fd: int, master_pid: int, master_pidfd: int, own_pidfd: int | None, table_fd: int | None
+    *,
+    listen_fd: int,
+    master_pid: int,
+    master_pidfd: int,
+    own_pidfd: int | None,
+    table_fd: int | None,
+    lifeline_fd: int | None,
 ) -> subprocess.Popen:
     """Start one peer on the listening socket; `own_pidfd` lets the new peer watch the one spawning it."""
     python = os.environ.get(ENV_PYTHON) or sys.executable
@@ -123,6 +152,9 @@ def spawn_peer(
     if table_fd is not None:
         env[ENV_TABLE_FD] = str(table_fd)
         fds.append(table_fd)
+    if lifeline_fd is not None:
+        env[ENV_LIFELINE_FD] = str(lifeline_fd)
+        fds.append(lifeline_fd)
     return subprocess.Popen(
         [PROCESS_NAME, "-S", "-c", _BOOTSTRAP],
         executable=python,
@@ -132,43 +164,213 @@ def spawn_peer(
     )
 
 
-# --- the master's side: start and stop, nothing else -------------------------------------------------
+# --- the master's side: start, restart when no peer is left, stop ----------------------------------
 
 
 @dataclass
 class MetricsSide:
-    """What the master keeps: its own child (the first peer), whose pid is the peers' process group."""
+    """What the master keeps: the current first peer (whose pid is the peers' process group) and what it
+    takes to start a new pair (see the module docstring)."""
 
-    first: subprocess.Popen
+    first: subprocess.Popen | None
     directory: str
+    listener: socket.socket | None = None
+    table_fd: int | None = None
+    master_pid: int = 0
+    lifeline: int | None = None  # the read end; None while a new pair is due
+    started: float = 0.0  # when the current pair was started (monotonic)
+    delay: float = 0.0  # the last back-off
+    due: bool = False  # a new pair waits for the timer (SIGALRM)
+    stopping: bool = False
+    alarmed: bool = False  # SIGALRM came (not handled yet)
+    busy: bool = False  # in the signal handler (see _on_signal)
+    again: bool = False  # a signal came meanwhile
 
     @property
     def pid(self) -> int:
-        return self.first.pid
+        return self.first.pid if self.first is not None else 0
+
+
+# The side the master's SIGIO/SIGALRM handler looks after, and the dispositions it replaced (restored in
+# each worker).
+_supervised: MetricsSide | None = None
+_replaced_handlers: dict[int, object] = {}
 
 
 def start(sock: socket.socket, *, master_pid: int, directory: str) -> MetricsSide:
-    """Spawn the first peer with the listening socket; the caller closes its own copy afterwards."""
+    """Spawn the first peer with the listening socket, which the returned side owns from now on (the
+    master's copy, for a new pair; `stop` closes it)."""
     with contextlib.suppress(FileNotFoundError):
         (state_dir(directory) / STOPPING_MARKER).unlink()
-    master_pidfd = os.pidfd_open(master_pid)
     try:
         table_fd: int | None = os.open(table_path(directory), os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         table_fd = None  # the peers then open it by path
+    side = MetricsSide(None, directory, sock, table_fd, master_pid)
     try:
-        first = spawn_peer(
-            listen_fd=sock.fileno(),
-            master_pid=master_pid,
-            master_pidfd=master_pidfd,
-            own_pidfd=None,
-            table_fd=table_fd,
+        _supervise(side)
+        _start_pair(side)
+    except BaseException:
+        _release(side)
+        raise
+    return side
+
+
+def _supervise(side: MetricsSide) -> None:
+    global _supervised
+    for signum in (signal.SIGIO, signal.SIGALRM):
+        previous = signal.signal(signum, _on_signal)
+        if previous is not _on_signal:
+            _replaced_handlers[signum] = previous
+    _supervised = side
+
+
+def _start_pair(side: MetricsSide) -> None:
+    """Spawn a first peer (it forks the second) holding the write end of a new lifeline.
+
+    O_ASYNC is set while this process still holds a write end, so however soon the pair dies, closing
+    ours (the last line) or the peers' exit afterwards raises SIGIO.
+    """
+    assert side.listener is not None
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(read_end, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(
+            read_end, fcntl.F_SETFL, fcntl.fcntl(read_end, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK
         )
+        master_pidfd = os.pidfd_open(side.master_pid)
+        try:
+            first = spawn_peer(
+                listen_fd=side.listener.fileno(),
+                master_pid=side.master_pid,
+                master_pidfd=master_pidfd,
+                own_pidfd=None,
+                table_fd=side.table_fd,
+                lifeline_fd=write_end,
+            )
+        finally:
+            os.close(master_pidfd)
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    if side.lifeline is not None:
+        os.close(side.lifeline)
+    side.first, side.lifeline, side.started = first, read_end, time.monotonic()
+    os.close(write_end)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGIO (maybe the lifeline's end) or SIGALRM (a new pair due): never raises, never blocks for long.
+
+    Python runs it in the main thread between two bytecodes of whatever the master was doing, so it
+    writes its log line with os.write (print could find stderr's buffer in use) and a signal arriving
+    while it runs (a new pair dying at once) is handled after it, not inside it.
+    """
+    side = _supervised
+    if side is None or side.stopping or os.getpid() != side.master_pid:
+        return
+    side.alarmed |= signum == signal.SIGALRM
+    side.again = True
+    if side.busy:
+        return
+    side.busy = True
+    try:
+        while side.again:
+            side.again = False
+            _check(side)
+    except Exception as err:  # metrics faults never hurt the app: say so, and try again later
+        _log_raw(f"metrics server supervision failed: {err!r}")
+        if side.lifeline is None and not side.due:
+            _due_in(side, MAX_RESTART_DELAY)
     finally:
-        os.close(master_pidfd)
-        if table_fd is not None:
-            os.close(table_fd)
-    return MetricsSide(first, directory)
+        side.busy = False
+
+
+def _check(side: MetricsSide) -> None:
+    alarmed, side.alarmed = side.alarmed, False
+    if side.due:
+        if alarmed:
+            side.due = False
+            _try_start_pair(side)
+        return
+    if side.lifeline is None or not _ended(side.lifeline):
+        return
+    os.close(side.lifeline)
+    side.lifeline = None
+    lived = time.monotonic() - side.started
+    side.delay = 0.0 if lived >= STABLE_AFTER else min(max(0.25, side.delay * 2), MAX_RESTART_DELAY)
+    when = f" in {side.delay:g} s" if side.delay else ""
+    _log_raw(f"no metrics server peer is left; starting a new pair{when}")
+    if side.delay:
+        _due_in(side, side.delay)
+    else:
+        _try_start_pair(side)
+
+
+def _ended(lifeline: int) -> bool:
+    """Whether every write end of the lifeline is closed (no peer left): a read then finds end of file."""
+    try:
+        return os.read(lifeline, 1) == b""
+    except BlockingIOError:
+        return False
+
+
+def _try_start_pair(side: MetricsSide) -> None:
+    try:
+        _start_pair(side)
+    except OSError as err:  # out of processes or memory, say: try again later
+        _log_raw(f"cannot start the metrics server: {err}; retrying in {MAX_RESTART_DELAY:g} s")
+        _due_in(side, MAX_RESTART_DELAY)
+
+
+def _due_in(side: MetricsSide, seconds: float) -> None:
+    side.due = True
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def _log_raw(message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, f"[gunicorn-prometheus] {message}\n".encode())
+
+
+def _release(side: MetricsSide) -> None:
+    """Stop supervising `side` and close the master's copies (listening socket, table, lifeline)."""
+    global _supervised
+    side.stopping = True
+    if _supervised is side:
+        _supervised = None
+        if side.due:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    side.due = False
+    _close_copies(side)
+
+
+def release_in_worker(side: MetricsSide | None) -> None:
+    """In a process the master forked (a worker): drop the master's copies and signal handlers.
+
+    A worker holding the listening socket would keep the metrics port bound (with nobody answering) for as
+    long as it lived, and a process it forked, after the master is gone.
+    """
+    global _supervised
+    _supervised = None
+    for signum, previous in _replaced_handlers.items():
+        with contextlib.suppress(TypeError, ValueError):
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+    if side is not None:
+        side.stopping = True
+        _close_copies(side)
+
+
+def _close_copies(side: MetricsSide) -> None:
+    for fd in (side.table_fd, side.lifeline):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    side.table_fd = side.lifeline = None
+    if side.listener is not None:
+        side.listener.close()
+        side.listener = None
 
 
 def _group_running(group: int) -> bool:
@@ -210,12 +412,24 @@ def _group_running(group: int) -> bool:
 
 
 def stop(side: MetricsSide, timeout: float = 2.0) -> None:
-    """Stop every peer (they share the first one's process group) and wait, bounded, until they are gone.
+    """Stop every peer (they share the first one's process group) and wait, bounded, until they are gone;
+    then close the master's copies, which frees the port.
 
-    The marker file tells a peer that sees its partner end not to replace it.
+    The marker file tells a peer that sees its partner end not to replace it, and the master no longer
+    starts a new pair once it stops supervising.
     """
+    side.stopping = True  # first: the peers' exit ends the lifeline, which must not start a new pair
+    try:
+        _stop_peers(side, timeout)
+    finally:
+        _release(side)
+
+
+def _stop_peers(side: MetricsSide, timeout: float) -> None:
     with contextlib.suppress(OSError):
         (state_dir(side.directory) / STOPPING_MARKER).touch()
+    if side.first is None:
+        return
     group = side.first.pid
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, signal.SIGTERM)
@@ -247,6 +461,7 @@ class Handoff:
     peer_pid: int | None
     peer_pidfd: int | None
     table_fd: int | None = None
+    lifeline_fd: int | None = None  # held, never used: the master learns from its closing (see above)
 
     @classmethod
     def from_environ(cls) -> Handoff:
@@ -255,6 +470,7 @@ class Handoff:
         peer = env.pop(ENV_PEER_PID, None)
         peer_fd = env.pop(ENV_PEER_PIDFD, None)
         table_fd = env.pop(ENV_TABLE_FD, None)
+        lifeline_fd = env.pop(ENV_LIFELINE_FD, None)
         return cls(
             listen_fd=int(env.pop(ENV_LISTEN_FD)),
             master_pid=int(env.pop(ENV_MASTER_PID)),
@@ -262,6 +478,7 @@ class Handoff:
             peer_pid=int(peer) if peer else None,
             peer_pidfd=int(peer_fd) if peer_fd else None,
             table_fd=int(table_fd) if table_fd else None,
+            lifeline_fd=int(lifeline_fd) if lifeline_fd else None,
         )
 
 
@@ -381,6 +598,7 @@ class PeerKeeper:
                 master_pidfd=self.handoff.master_pidfd,
                 own_pidfd=self.own_pidfd,
                 table_fd=self.handoff.table_fd,
+                lifeline_fd=self.handoff.lifeline_fd,
             )
         except OSError as err:  # e.g. out of processes or memory: try again later
             log(f"cannot start a metrics server peer: {err}; retrying in {MAX_RESTART_DELAY:g} s")

@@ -125,42 +125,106 @@ def test_metrics_peers_killed_repeatedly_under_load(start_server, app_dir, load,
 def test_healthcheck_fails_while_the_metrics_side_is_down(start_server, app_dir):
     """The image HEALTHCHECK under Gunicorn follows the metrics server, never the app port.
 
-    Both peers killed at once (nothing left to replace either): the app still answers, yet the
-    healthcheck exits 1, since an orchestrator must notice metrics that cannot be scraped.
+    Both peers stopped (SIGSTOP: they hold the port but answer nothing, and being alive they are not
+    replaced): the app still answers, yet the healthcheck exits 1, since an orchestrator must notice
+    metrics that cannot be scraped; it passes again once they go on.
     """
     write_app(app_dir)
     server = start_server(app_dir, **LEAN)
     server.wait_metrics_ready()
     wait_until(lambda: len(_peers(server)) == 2, 10, "two metrics peers")
     assert _healthcheck(server) == 0
-    # One SIGKILL to the peers' process group reaches both in one kill(2), so neither runs again to see
-    # the other die. Stopping them first (SIGSTOP) and killing them one by one did not: the first kill
-    # orphaned the group, and the kernel then sends SIGHUP and SIGCONT to its stopped members (POSIX,
-    # "orphaned process group"), so the survivor woke up and started a replacement (6 of 11 CI runs).
-    groups = {os.getpgid(peer.pid) for peer in _peers(server)}
-    assert len(groups) == 1 and os.getpgid(server.proc.pid) not in groups, groups
-    os.killpg(groups.pop(), signal.SIGKILL)
-    # "Closed" is proven by binding the port ourselves (it fails while a listener holds it), and the bound
-    # socket keeps the port number from another test of the parallel suite meanwhile.
-    reserved = socket.socket()
-    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT
-    port = server.metrics_port
-
-    def port_reserved() -> bool:
-        try:
-            reserved.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
+    group = _peer_group(server)
+    os.killpg(group, signal.SIGSTOP)
     try:
-        wait_until(port_reserved, 5, "the metrics port closed", details=lambda: _listeners(port))
-        assert _peers(server) == []
-        assert _metrics_status(server) is None
         assert server.get("/").status_code == 200
         assert _healthcheck(server) == 1
     finally:
-        reserved.close()
+        os.killpg(group, signal.SIGCONT)
+    assert _healthcheck(server) == 0
+
+
+def _peer_group(server) -> int:
+    """The peers' process group: theirs alone, not the master's."""
+    groups = {os.getpgid(peer.pid) for peer in _peers(server)}
+    assert len(groups) == 1 and os.getpgid(server.proc.pid) not in groups, groups
+    return groups.pop()
+
+
+def _two_new_peers_serving(server, old: set[int]) -> bool:
+    peers = _peers(server)
+    return len(peers) == 2 and not old & {p.pid for p in peers} and all(map(_serving, peers))
+
+
+NONE_LEFT = "no metrics server peer is left"
+
+
+def test_every_metrics_peer_killed_at_once_comes_back(start_server, app_dir, figures):
+    """kill -9 of both metrics peers at once: the master starts a new pair, and the port answers again.
+
+    One SIGKILL to the peers' process group reaches both in one kill(2), so neither runs again to see the
+    other die, and nothing but the master can notice (the last peer's exit closes the last write end of a
+    pipe whose read end the master watches). The app serves throughout, one line says what happened, no
+    worker holds the metrics port, and a stop afterwards leaves no process behind. Before, the port stayed
+    closed for good, without a word.
+    """
+    write_app(app_dir)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: len(p := _peers(server)) == 2 and all(map(_serving, p)), 10, "two metrics peers")
+    old = {p.pid for p in _peers(server)}
+    os.killpg(_peer_group(server), signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: _metrics_status(server) == 200, 10, "/metrics answering again", details=server.logs)
+    back_after = time.monotonic() - killed
+    wait_until(lambda: _two_new_peers_serving(server, old), 10, "a new pair", details=server.logs)
+    assert server.get("/").status_code == 200
+    assert server.logs().count(NONE_LEFT) == 1, server.logs()
+    holders = {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)} | {server.proc.pid}
+    listening = {
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == server.metrics_port
+    }
+    workers = {p.pid for p in server.workers()}
+    assert listening and listening <= holders and not listening & workers, _listeners(server.metrics_port)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.logs()
+    server.wait_all_gone()
+    figures.record(faults="SIGKILL of both metrics peers at once", metrics_back_s=round(back_after, 2))
+
+
+def test_survivor_killed_during_its_backoff_comes_back(start_server, app_dir):
+    """The survivor killed while it waits to replace a partner that died young: the master starts a pair.
+
+    One peer killed, then each replacement the survivor starts killed at once, until the survivor backs off
+    (1 s, after three young deaths); then the survivor itself. No peer is left to start one (the random
+    loop of the audit, one kill every 0.3 s, got there too), so only the master can bring the port back.
+    """
+    write_app(app_dir)
+    server = start_server(app_dir, **LEAN)
+    server.wait_metrics_ready()
+    wait_until(lambda: len(p := _peers(server)) == 2 and all(map(_serving, p)), 10, "two metrics peers")
+    first, survivor = sorted(_peers(server), key=lambda p: p.create_time())
+    first.kill()
+    seen = {first.pid, survivor.pid}
+    backing_off = "starting a replacement in "
+    for kills in range(1, 5):
+        young = wait_until(
+            lambda: [p for p in _peers(server) if p.pid not in seen], 10, "a replacement", details=server.logs
+        )[0]
+        seen.add(young.pid)
+        young.kill()
+        # the survivor reaps it, then says when it starts the next one
+        wait_until(lambda n=kills: server.logs().count(backing_off) >= n, 10, "the survivor's line")
+        if backing_off + "1 s" in server.logs():
+            break
+    assert "starting a replacement in 1 s" in server.logs(), server.logs()
+    assert [p.pid for p in _peers(server)] == [survivor.pid]  # within its back-off: the only peer left
+    survivor.kill()
+    wait_until(lambda: _metrics_status(server) == 200, 10, "/metrics answering again", details=server.logs)
+    wait_until(lambda: _two_new_peers_serving(server, seen), 10, "a new pair", details=server.logs)
+    assert server.logs().count(NONE_LEFT) == 1, server.logs()
 
 
 def _listeners(port: int) -> str:
