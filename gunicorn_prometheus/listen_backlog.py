@@ -174,9 +174,10 @@ def _proc_listeners(pid: int, proc: str) -> Iterator[tuple[int, Listener]]:
                 yield int(fields[9]), Listener(_address(family, host, int(port_hex, 16)), queued, None)
 
 
-def listeners(pid: int, proc: str = "/proc") -> list[Listener]:
-    """The TCP and Unix sockets in LISTEN state that process ``pid`` holds, with their accept queues."""
-    wanted = socket_inodes(pid, proc)
+def listeners(pid: int, proc: str = "/proc", exclude: int | None = None) -> list[Listener]:
+    """The TCP and Unix sockets in LISTEN state that process ``pid`` holds, with their accept queues;
+    ``exclude``: the inode of one not to report (the metrics port's, which the master holds too)."""
+    wanted = socket_inodes(pid, proc) - {exclude}
     if not wanted:
         return []
     try:
@@ -192,10 +193,11 @@ def listeners(pid: int, proc: str = "/proc") -> list[Listener]:
     return sorted((listener for inode, listener in everything if inode in wanted), key=lambda x: x.address)
 
 
-def families(master_pid: int) -> Iterator[Metric]:
-    """The two gauges, one series per listening address of the master; nothing if it cannot be read."""
+def families(master_pid: int, exclude: int | None = None) -> Iterator[Metric]:
+    """The two gauges, one series per listening address of the master but ``exclude`` (see listeners);
+    nothing if it cannot be read."""
     try:
-        found = listeners(master_pid)
+        found = listeners(master_pid, exclude=exclude)
     except Exception:  # /proc unreadable or unexpected: a scrape without these figures, never a failed one
         return
     queued = GaugeMetricFamily(

@@ -72,7 +72,7 @@ class ServerCollector:
             yield gauge
         stats = process_stats.families(self.view.master_pid, snap["workers"], self.cpu)
         yield from add_write_errors(stats, self.files.http_write_errors)  # the HTTP cells' own count too
-        yield from listen_backlog.families(self.view.master_pid)
+        yield from listen_backlog.families(self.view.master_pid, exclude=self.view.metrics_listener)
 
 
 class _Snapshot:

@@ -43,9 +43,12 @@ def _alive(pid: int) -> bool:
 class ServerView:
     """What the state directory and the OS say about the server right now."""
 
-    def __init__(self, directory: str, master_pid: int) -> None:
+    def __init__(self, directory: str, master_pid: int, metrics_listener: int | None = None) -> None:
         self.state = state_dir(directory)
         self.master_pid = master_pid
+        #: inode of the metrics port's listening socket, which the master holds too (to start new peers):
+        #: not one of the app's listeners whose backlog /metrics reports
+        self.metrics_listener = metrics_listener
 
     def snapshot(self) -> dict:
         server = server_state.read_server(self.state) or {}
@@ -171,8 +174,9 @@ async def serve(handoff: metrics_process.Handoff, directory: str, peer_child: in
     loop = asyncio.get_running_loop()
     config, access = _access_settings()
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scrape")
-    app = MetricsApp(ServerView(directory, handoff.master_pid), directory, access, pool)
     listener = socket.socket(fileno=handoff.listen_fd)
+    view = ServerView(directory, handoff.master_pid, os.fstat(listener.fileno()).st_ino)
+    app = MetricsApp(view, directory, access, pool)
     server = HttpServer(
         listener,
         app,

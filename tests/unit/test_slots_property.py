@@ -256,10 +256,17 @@ class SlotMachine(RuleBasedStateMachine):
         expected_gauge = sum(w.gauge for w in self.workers.values())
         assert (self.registry.get_sample_value("inprog") or 0.0) == expected_gauge
         names = os.listdir(self.dir)
-        identities = {re.fullmatch(r".*_([^_]+)\.db", n).group(1) for n in names}
+        # A worker killed while creating a file leaves it under its temporary name (<file>.tmp), which the
+        # slot's next holder reuses: at most one per file.
+        matches = [re.fullmatch(r".*_([^_]+)\.db(\.tmp)?", n) for n in names]
+        assert all(matches), f"unexpected files {names}"
+        identities = {m.group(1) for m in matches if m}
         allowed = {"master"} | {slot_identity(s) for s in range(self.max_held)}
         assert identities <= allowed, f"unexpected file identities {identities - allowed}"
-        assert len(names) <= FILE_TYPES * (self.max_held + 1)
+        for temporary in (False, True):
+            assert sum(bool(m and m.group(2)) is temporary for m in matches) <= FILE_TYPES * (
+                self.max_held + 1
+            )
 
 
 TestSlotMachine = SlotMachine.TestCase
