@@ -18,6 +18,12 @@ file and continues its counters, and the directory holds at most as many files a
 at once. Without slots (the middleware used on its own) the identity is the pid. Only one live process
 ever writes a given file (the slot table's invariant); any number of processes may read it.
 
+Under Gunicorn the master opens a slot's file before it forks the slot's first worker
+(:meth:`CellsWriter.hold`) and keeps it open for its whole life; each worker of the slot writes through
+the inherited descriptor (:func:`give`), not the path, and the metrics server reads it through the
+master's descriptor (see :mod:`gunicorn_prometheus.collector`). So removing the directory, or the file,
+loses nothing: the slot's counts live on in the open file, and its next worker continues them.
+
 Layout, version 1 (native byte order, i.e. little-endian on every platform the image ships; all offsets
 and sizes are multiples of 8 so every cell is an aligned 8-byte word)::
 
@@ -163,6 +169,24 @@ class StorageError(OSError):
     """The cells file could not be created, validated or grown."""
 
 
+#: Files the master opened for this process before forking it (:meth:`CellsWriter.hold`): absolute path
+#: -> (pid they were given to, descriptor). Bound to the pid: a process forked from the worker opens its
+#: own by path, as before (one writer per file).
+_given: dict[str, tuple[int, int]] = {}
+
+
+def give(directory: str, identity: str, fd: int) -> None:
+    """Have this process's writer of ``identity`` in ``directory`` use ``fd`` (inherited from the master,
+    which holds the file open) instead of opening the path: if the directory was removed, the file still
+    is the slot's, with everything counted in it so far."""
+    _given[os.path.abspath(os.path.join(directory, file_name(identity)))] = (os.getpid(), fd)
+
+
+def _take_given(path: str) -> int | None:
+    entry = _given.pop(os.path.abspath(path), None)
+    return entry[1] if entry is not None and entry[0] == os.getpid() else None
+
+
 def _reserve(fd: int, offset: int, length: int) -> None:
     """Back [offset, offset+length) with real blocks now, so later stores cannot SIGBUS."""
     try:
@@ -202,11 +226,24 @@ class CellsWriter:
     """
 
     def __init__(self, bounds: Sequence[float], directory: str | None = None, identity: str | None = None):
+        self._prepare(bounds, directory, identity)
+        if self.path is not None:
+            try:
+                self._open_file()
+            except OSError as err:
+                self._degrade(err, "cannot create or open")
+        if not self.chunks:  # no directory, or it failed: same code path over anonymous memory
+            self._new_anonymous()
+        self._point_overflow()
+
+    def _prepare(self, bounds: Sequence[float], directory: str | None, identity: str | None) -> None:
         self.bounds = finite_bounds(bounds)
         self.n = len(self.bounds)
         self.header_size = header_bytes(self.n)
         self.chunk_size = chunk_bytes_for(self.n)
         self.path: str | None = None
+        if directory is not None:
+            self.path = os.path.join(directory, file_name(identity or str(os.getpid())))
         self.fd = -1
         self.chunks: list[_Chunk] = []
         self.used = self.header_size
@@ -222,15 +259,19 @@ class CellsWriter:
         self._retired: list[_Chunk] = []
         self._histograms: dict[tuple[str, ...], HistogramRow] = {}
         self._gauges: dict[tuple[str, ...], GaugeCell] = {}
-        if directory is not None:
-            self.path = os.path.join(directory, file_name(identity or str(os.getpid())))
-            try:
-                self._open_file()
-            except OSError as err:
-                self._degrade(err, "cannot create or open")
-        if not self.chunks:  # no directory, or it failed: same code path over anonymous memory
-            self._new_anonymous()
-        self._point_overflow()
+
+    @classmethod
+    def hold(cls, bounds: Sequence[float], directory: str, identity: str) -> int:
+        """Open the file of ``identity`` exactly as its writer would (continued if it is valid, else
+        created complete under the temporary name and renamed into place) and return its descriptor,
+        read-write, without keeping any mapping: the master's, for the slot it is about to fork a worker
+        into (see :func:`give`). Raises OSError when the file can be neither opened nor created."""
+        writer = cls.__new__(cls)
+        writer._prepare(bounds, directory, identity)
+        writer._open_file()
+        writer._unmap()
+        fd, writer.fd = writer.fd, -1
+        return fd
 
     @property
     def overflow_visible(self) -> bool:
@@ -270,26 +311,36 @@ class CellsWriter:
 
     def _open_file(self) -> None:
         assert self.path is not None
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self._create_file()
-            return
-        try:
-            size = os.fstat(fd).st_size
-            if not self._continue(fd, size):
-                # Another layout (version, buckets) or damaged: start a new file under the same name. Its
-                # old counts are lost to this slot; only a bucket change without a restart leads here.
-                log.warning("HTTP metrics: %s has another layout or is damaged; starting it afresh",
-                            self.path)  # fmt: skip
-                os.close(fd)
+        fd = _take_given(self.path)
+        given = fd is not None
+        if fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
                 self._create_file()
                 return
+        try:
+            continued = self._continue(fd, os.fstat(fd).st_size)
         except BaseException:
             self._unmap()
             os.close(fd)
             raise
-        self.fd = fd
+        if continued:
+            self.fd = fd
+            return
+        os.close(fd)
+        if given:
+            # Not this writer's layout (a middleware of its own with other buckets): what it had is left
+            # to its readers, and this writer goes by the path, as without a master.
+            log.warning("HTTP metrics: the file the master opened for %s has another layout; opening it "
+                        "by its path", self.path)  # fmt: skip
+            self._open_file()
+        else:
+            # Another layout (version, buckets) or damaged: start a new file under the same name. Its old
+            # counts are lost to this slot; only a bucket change without a restart leads here.
+            log.warning("HTTP metrics: %s has another layout or is damaged; starting it afresh",
+                        self.path)  # fmt: skip
+            self._create_file()
 
     def _create_file(self) -> None:
         """Build a complete first chunk (allocated, header written) under a temporary name, then rename
@@ -597,17 +648,23 @@ def read_file(path: str, identity: str) -> CellsSnapshot | None:
     except FileNotFoundError:
         return None
     try:
-        size = os.fstat(fd).st_size
-        if size < _HEADER_FIXED.size:
-            raise StorageError(f"{size} bytes is shorter than a header")
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapping:
-            view = memoryview(mapping)
-            try:
-                return parse_cells(view, size, identity)
-            finally:
-                view.release()
+        return read_fd(fd, identity)
     finally:
         os.close(fd)
+
+
+def read_fd(fd: int, identity: str, size: int | None = None) -> CellsSnapshot | None:
+    """Read the open cells file ``fd`` (of ``size`` bytes, if its caller already knows) like read_file."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    if size < _HEADER_FIXED.size:
+        raise StorageError(f"{size} bytes is shorter than a header")
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapping:
+        view = memoryview(mapping)
+        try:
+            return parse_cells(view, size, identity)
+        finally:
+            view.release()
 
 
 def parse_cells(data: bytes | memoryview, size: int, identity: str) -> CellsSnapshot | None:
@@ -715,6 +772,14 @@ def reset_in_progress(directory: str, identity: str) -> None:
     except OSError:
         return
     try:
+        reset_in_progress_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def reset_in_progress_fd(fd: int) -> None:
+    """:func:`reset_in_progress` of a file the master holds open (``fd``, read-write), whatever its path."""
+    try:
         size = os.fstat(fd).st_size
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapping:
             view = memoryview(mapping)
@@ -728,8 +793,6 @@ def reset_in_progress(directory: str, identity: str) -> None:
                 os.pwrite(fd, bytes(8), offset)
     except (OSError, ValueError):
         pass
-    finally:
-        os.close(fd)
 
 
 def merge(snapshots: Iterable[CellsSnapshot]) -> MergedCells:
@@ -756,7 +819,7 @@ def merge(snapshots: Iterable[CellsSnapshot]) -> MergedCells:
                         best[i] = exemplar
         for labels, value in snap.in_progress.items():
             merged.in_progress[labels] = merged.in_progress.get(labels, 0.0) + value
-        merged.write_errors[snap.identity] = snap.write_errors
+        merged.write_errors[snap.identity] = merged.write_errors.get(snap.identity, 0.0) + snap.write_errors
     return merged
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -300,3 +301,44 @@ def test_a_file_that_could_not_be_created_is_created_on_a_later_try(tmp_path: Pa
     snap = read(tmp_path)
     assert snap is not None and snap.histograms[LABELS][1:] == [0.0, 1.0, 0.0, 0.0]
     writer.close()
+
+
+def test_a_writer_given_the_masters_descriptor_continues_the_file_once_its_name_is_gone(tmp_path: Path):
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    held = cells.CellsWriter.hold(BOUNDS, str(directory), "w0")  # the master, before forking into w0
+    snap = read(directory)
+    assert snap is not None and snap.histograms == {}  # created complete, under its name
+    cells.give(str(directory), "w0", os.dup(held))
+    first = cells.CellsWriter(BOUNDS, str(directory), "w0")
+    observe(first.histogram(LABELS), 0.3)
+    shutil.rmtree(directory)
+    cells.give(str(directory), "w0", os.dup(held))  # its replacement, forked after the rm -rf
+    second = cells.CellsWriter(BOUNDS, str(directory), "w0")
+    assert second.overflow_visible and not second.failed
+    observe(second.histogram(LABELS), 0.05)
+    snap = cells.read_fd(held, "w0")
+    assert snap is not None and snap.histograms[LABELS][1:] == [1.0, 1.0, 0.0, 0.0]
+    # Not given one (or given to another process): by the path, as before, which is gone
+    cells._given[os.path.abspath(directory / cells.file_name("w0"))] = (-1, held)
+    third = cells.CellsWriter(BOUNDS, str(directory), "w0")
+    assert not third.overflow_visible and third.failed
+    for writer in (first, second, third):
+        writer.close()
+    os.close(held)
+
+
+def test_a_given_file_of_another_layout_is_left_alone_and_the_writer_goes_by_the_path(tmp_path: Path):
+    held = cells.CellsWriter.hold(BOUNDS, str(tmp_path), "w0")
+    cells.give(str(tmp_path), "w0", os.dup(held))
+    first = cells.CellsWriter(BOUNDS, str(tmp_path), "w0")
+    observe(first.histogram(LABELS), 0.3)
+    first.close()
+    cells.give(str(tmp_path), "w0", os.dup(held))
+    other = cells.CellsWriter((1.0, 2.0), str(tmp_path), "w0")  # its own buckets: a file of its own
+    other.histogram(LABELS)
+    assert not other.failed and os.fstat(other.fd).st_ino != os.fstat(held).st_ino
+    kept = cells.read_fd(held, "w0")
+    assert kept is not None and kept.histograms[LABELS][1:] == [0.0, 1.0, 0.0, 0.0]
+    other.close()
+    os.close(held)
