@@ -20,9 +20,12 @@ at start-up, before any worker exists:
 Layout (little-endian, 8-byte fields): a 256-byte header with the master's record and the metrics
 side's own (CPU totals it served, its processes' CPU), then ``MAX_SLOTS`` slot records of 128 bytes: the
 worker's part (pid, phase, exit reason, write errors), the master's part (pid of the last reaped holder,
-the CPU of all reaped holders, reaps), the metrics side's part (the slot's CPU it last served) and the
+the CPU of all reaped holders, reaps), the metrics side's part (the slot's CPU it last served), the
 worker's event-loop timer (when its next sample is due, on CLOCK_MONOTONIC, which every process of the
-machine reads alike: the metrics server derives a stall in progress from it at scrape time).
+machine reads alike: the metrics server derives a stall in progress from it at scrape time) and the
+master's second part: which descriptor of the master holds the slot's HTTP cells file open (plus one:
+zero is none) and the low 32 bits of its inode, so the metrics server reads the file through
+``/proc/<master pid>/fd/`` even once its name is gone. A master of an older version leaves it zero.
 This module owns the layout, the slot names (``w<slot>``) and the exit reasons; nothing else formats them.
 """
 
@@ -77,6 +80,7 @@ _WORKER = (0, struct.Struct("<qqqq"))  # pid, phase, exit reason (index + 1, 0: 
 _REAPED = (48, struct.Struct("<qdq"))  # last reaped pid, CPU of reaped holders, reaps
 _LEDGER = (80, struct.Struct("<d"))  # CPU served for the slot
 _LOOP = (96, struct.Struct("<d"))  # when the worker's loop timer is due (time.monotonic()), 0: none armed
+_CELLS = (112, struct.Struct("<iI"))  # the master's descriptor of the slot's HTTP cells file, inode & 2**32-1
 _SEQ = struct.Struct("<Q")
 TABLE_SIZE = _HEADER_SIZE + MAX_SLOTS * _SLOT_SIZE
 
@@ -85,7 +89,8 @@ assert _METRICS[0] + 8 + _METRICS[1].size <= _HEADER_SIZE
 assert _WORKER[0] + 8 + _WORKER[1].size <= _REAPED[0]
 assert _REAPED[0] + 8 + _REAPED[1].size <= _LEDGER[0]
 assert _LEDGER[0] + 8 + _LEDGER[1].size <= _LOOP[0]
-assert _LOOP[0] + 8 + _LOOP[1].size <= _SLOT_SIZE
+assert _LOOP[0] + 8 + _LOOP[1].size <= _CELLS[0]
+assert _CELLS[0] + 8 + _CELLS[1].size <= _SLOT_SIZE
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,16 @@ class LedgerRecord:
     """A slot's metrics-server part: the CPU it last served, so a restart of it forgets nothing."""
 
     served_cpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeldCellsRecord:
+    """A slot's HTTP cells file as the master holds it open (see :mod:`gunicorn_prometheus.cells`):
+    ``/proc/<master pid>/fd/<fd>``, whose inode's low 32 bits are ``inode`` (the slot has room for 8
+    bytes; a reader checks them, and the file's header, before trusting it). fd -1: none held."""
+
+    fd: int = -1
+    inode: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,6 +235,26 @@ class Table:
 
     def write_loop_due(self, slot: int, due: float) -> None:
         self._write(self._slot_offset(slot, _LOOP), _LOOP[1], due)
+
+    def held_cells(self, slot: int) -> HeldCellsRecord:
+        fd, inode = self._read(self._slot_offset(slot, _CELLS), _CELLS[1])
+        return HeldCellsRecord(fd - 1, inode)  # stored plus one, so that a zeroed slot holds none
+
+    def write_held_cells(self, slot: int, record: HeldCellsRecord) -> None:
+        self._write(self._slot_offset(slot, _CELLS), _CELLS[1], record.fd + 1, record.inode & 0xFFFFFFFF)
+
+    def all_held_cells(self) -> dict[int, HeldCellsRecord]:
+        """Slot -> its held cells file, for the slots whose file the master holds (one pass over the
+        table: a scrape reads this)."""
+        words = memoryview(self._m[_HEADER_SIZE:TABLE_SIZE]).cast("Q")
+        stride, first = _SLOT_SIZE // 8, (_CELLS[0] + 8) // 8
+        found = {}
+        for slot, word in enumerate(words[first::stride].tolist()):
+            if word:
+                record = self.held_cells(slot)
+                if record.fd >= 0:
+                    found[slot] = record
+        return found
 
     @contextlib.contextmanager
     def metrics_side_lock(self) -> Iterator[None]:

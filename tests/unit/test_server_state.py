@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gunicorn_prometheus import server_state, shared_state
 from gunicorn_prometheus.multiproc_dir import state_dir
-from gunicorn_prometheus.shared_state import LedgerRecord, ReapedRecord
+from gunicorn_prometheus.shared_state import HeldCellsRecord, LedgerRecord, ReapedRecord
 
 
 def test_a_workers_loop_due_time_is_reported_and_cleared_when_it_is_reaped(tmp_path: Path) -> None:
@@ -26,5 +26,28 @@ def test_a_workers_loop_due_time_is_reported_and_cleared_when_it_is_reaped(tmp_p
 
         server_state.clear_worker(state, 3)  # the master reaped it: a stale due time is no stall
         assert table.loop_due(3) == 0.0 and server_state.workers(state) == {}
+    finally:
+        shared_state.forget(tmp_path)
+
+
+def test_the_held_cells_file_of_a_slot_has_its_own_place_and_outlives_a_reap(tmp_path: Path) -> None:
+    (tmp_path / shared_state.STATE_DIR).mkdir()
+    shared_state.forget(tmp_path)
+    table = shared_state.create(tmp_path)
+    state = state_dir(str(tmp_path))
+    try:
+        assert table.all_held_cells() == {} and table.held_cells(5) == HeldCellsRecord(fd=-1)
+        table.write_loop_due(5, 99.0)
+        table.write_ledger(5, LedgerRecord(served_cpu=1.0))
+        table.write_held_cells(5, HeldCellsRecord(fd=0, inode=2**40 + 7))  # 0 is a descriptor too
+        table.write_held_cells(shared_state.MAX_SLOTS - 1, HeldCellsRecord(fd=1234, inode=9))
+        assert table.all_held_cells() == {
+            5: HeldCellsRecord(0, 7),  # the inode's low 32 bits
+            shared_state.MAX_SLOTS - 1: HeldCellsRecord(1234, 9),
+        }
+        assert table.loop_due(5) == 99.0 and table.ledger(5) == LedgerRecord(1.0)
+        server_state.mark_worker(state, 5, 4242, serving=True)
+        server_state.clear_worker(state, 5)  # reaped: the slot's next worker continues the same file
+        assert table.held_cells(5) == HeldCellsRecord(0, 7)
     finally:
         shared_state.forget(tmp_path)
