@@ -9,7 +9,12 @@ then hands the files that passed to prometheus_client's public ``MultiProcessCol
 cross-process rules (gauge modes, bucket accumulation) stay prometheus_client's own.
 
 HTTP metrics (:mod:`gunicorn_prometheus.cells`): summed over every slot's file, served with
-starlette_exporter's names, plus the requests that could not be stored by label, per process.
+starlette_exporter's names, plus the requests that could not be stored by label, per process. The files
+the master holds open for its slots (named in the shared table) are read through
+``/proc/<master pid>/fd/<n>``, opened once per file and kept open, so an ``rm -rf`` of the directory
+hides none of them; files in the directory that the master does not hold (single-process use, a master
+that could not hold one) are read by name, and no file is read twice (same device and inode). Where
+``/proc`` cannot be opened (another uid, no procfs), the held files are read by name instead (logged once).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,7 +37,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from . import cells, names
+from . import cells, names, shared_state
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,75 @@ _CORRUPT_ERRORS = (struct.error, RuntimeError, ValueError, TypeError, AttributeE
 _KEY_CACHE_LIMIT = 100_000
 
 _Entry = tuple[tuple[str, str, tuple[tuple[str, str], ...], str], float, float]
+
+#: (where, the snapshot or None, why not) of one HTTP cells file
+_CellsRead = tuple[str, cells.CellsSnapshot | None, str]
+#: a held file open here: (what the table named: master pid, fd, inode bits), our descriptor, (device, inode)
+_Held = tuple[tuple[int, int, int], int, tuple[int, int]]
+
+
+class HeldCells:
+    """The HTTP cells files the master holds open, opened here through ``/proc/<master pid>/fd/<n>``.
+
+    One descriptor per slot, kept until the table names another file for the slot (another master pid,
+    descriptor or inode): bounded by the slots. Not thread-safe: the caller serializes.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[int, _Held] = {}  # by slot
+        self._logged = False
+
+    def files(self, table: shared_state.Table | None) -> list[tuple[str, int, tuple[int, int]]]:
+        """(identity, our descriptor, (device, inode)) of every held file that could be opened."""
+        named = {}
+        master = table.server().master_pid if table is not None else 0
+        if table is not None and master > 0:
+            named = table.all_held_cells()
+        for slot in [slot for slot in self._open if slot not in named]:
+            os.close(self._open.pop(slot)[1])
+        found = []
+        for slot, record in named.items():
+            want = (master, record.fd, record.inode)
+            entry = self._open.get(slot)
+            if entry is not None and entry[0] != want:
+                os.close(self._open.pop(slot)[1])
+                entry = None
+            if entry is None:
+                entry = self._open_held(want)
+                if entry is None:
+                    continue  # read by its name, if it still has one
+                self._open[slot] = entry
+            found.append((shared_state.slot_name(slot), entry[1], entry[2]))
+        return found
+
+    def _open_held(self, want: tuple[int, int, int]) -> _Held | None:
+        master, fd, inode = want
+        path = f"/proc/{master}/fd/{fd}"
+        try:
+            ours = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            if not self._logged:
+                self._logged = True
+                log.warning(
+                    "cannot open the HTTP metrics files the master holds (%s: %s); reading them by their "
+                    "names instead, so an rm -rf of the metrics directory hides their counts",
+                    path,
+                    err.strerror or err,
+                )
+            return None
+        try:
+            found = os.fstat(ours)
+        except OSError:
+            found = None
+        if found is None or not stat.S_ISREG(found.st_mode) or found.st_ino & 0xFFFFFFFF != inode:
+            os.close(ours)  # the table is being rewritten, or the descriptor is something else now
+            return None
+        return want, ours, (found.st_dev, found.st_ino)
+
+    def close(self) -> None:
+        for _, fd, _ in self._open.values():
+            os.close(fd)
+        self._open = {}
 
 
 class MultiProcessDirCollector(Collector):
@@ -100,6 +176,10 @@ class MultiProcessDirCollector(Collector):
         self.cell_files_read = 0  # cells files read by the last collect()
         #: process -> requests its cells could not store by label (full directory), as of the last collect()
         self.http_write_errors: dict[str, float] = {}
+        # The master's held cells files; /healthz reads them from the event loop while a scrape may be
+        # collecting in the pool.
+        self.held_cells = HeldCells()
+        self._held_lock = threading.Lock()
         if registry:
             registry.register(self)
 
@@ -159,33 +239,46 @@ class MultiProcessDirCollector(Collector):
 
     def http_write_errors_now(self) -> float:
         """The HTTP cells' write errors as their files hold them now (for /healthz, between scrapes)."""
-        total = 0.0
+        # unreadable files are left to a scrape, which counts and logs them as read errors
+        return sum(snapshot.write_errors for _, snapshot, _ in self.read_cells() if snapshot is not None)
+
+    def read_cells(self) -> list[_CellsRead]:
+        """Every HTTP cells file now: first those the master holds, then the directory's others."""
+        found: list[_CellsRead] = []
+        held_keys = set()
+        with self._held_lock:
+            for identity, fd, key in self.held_cells.files(shared_state.open_table(self._path)):
+                held_keys.add(key)
+                found.append(_read_cells_fd(fd, identity, f"{identity} (held by the master)"))
         for path, identity in self.cell_files():
             try:
-                snapshot = cells.read_file(path, identity)
-            except (OSError, ValueError):
-                continue  # unreadable: a scrape counts and logs it as a read error
-            if snapshot is not None:
-                total += snapshot.write_errors
-        return total
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed since the listing (a clean stop): nothing to read
+            except OSError as exc:
+                found.append((path, None, repr(exc)))
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) not in held_keys:
+                    found.append(_read_cells_fd(fd, identity, path, st.st_size))
+            except OSError as exc:
+                found.append((path, None, repr(exc)))
+            finally:
+                os.close(fd)
+        return found
 
     def http_metrics(self) -> list[Metric]:
         """The HTTP families of every cells file; their write errors go to ``http_write_errors``."""
         snapshots = []
-        for path, identity in self.cell_files():
-            try:
-                snapshot = cells.read_file(path, identity)
-            except (OSError, ValueError) as exc:
-                snapshot, reason = None, repr(exc)
-            else:
-                reason = "short, torn or not ours"
+        for where, snapshot, reason in self.read_cells():
             if snapshot is None:
-                if not os.path.exists(path):
-                    continue  # removed since the listing (a clean stop): nothing to read
+                if where.startswith(os.sep) and not os.path.exists(where):
+                    continue  # removed while it was read (a clean stop): nothing to read
                 self.read_errors += 1
-                if path not in self._reported:
-                    self._reported.add(path)
-                    log.warning("skipping unreadable HTTP metrics file %s: %s", path, reason)
+                if where not in self._reported:
+                    self._reported.add(where)
+                    log.warning("skipping unreadable HTTP metrics file %s: %s", where, reason)
                 continue
             snapshots.append(snapshot)
         self.cell_files_read = len(snapshots)
@@ -221,6 +314,13 @@ class MultiProcessDirCollector(Collector):
                 log.warning("skipping unreadable metrics file %s: %r", path, exc)
             return None
         return entries
+
+
+def _read_cells_fd(fd: int, identity: str, where: str, size: int | None = None) -> _CellsRead:
+    try:
+        return where, cells.read_fd(fd, identity, size), "short, torn or not ours"
+    except (OSError, ValueError) as exc:
+        return where, None, repr(exc)
 
 
 def _parse_key(key: str, cache: dict[str, Any]) -> Any:

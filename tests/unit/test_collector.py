@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gunicorn_prometheus import cells, shared_state
 from gunicorn_prometheus.collector import METRIC_FILE_RE, MultiProcessDirCollector
 
 
@@ -262,3 +264,84 @@ def test_random_damage_never_breaks_a_scrape(tmp_path_factory: pytest.TempPathFa
     registry = CollectorRegistry()
     MultiProcessDirCollector(registry, str(tmp))
     generate_latest(registry)  # must neither raise nor hang
+
+
+BOUNDS = (0.1, 1.0)
+
+
+def _observe(writer: cells.CellsWriter, n: int) -> None:
+    row = writer.histogram(("GET", "/a", "200", "app"))
+    for _ in range(n):
+        row.cells[row.base] += 0.05
+        row.cells[row.base + 1] += 1
+
+
+def _count(collector: MultiProcessDirCollector) -> float:
+    return sum(
+        sample.value
+        for family in collector.http_metrics()
+        for sample in family.samples
+        if sample.name == "starlette_request_duration_seconds_count"
+    )
+
+
+@pytest.fixture
+def held_dir(tmp_path: Path):
+    """A multiprocess directory with a table whose master is this process, and the master's w0 file."""
+    directory = tmp_path / "mp"
+    (directory / shared_state.STATE_DIR).mkdir(parents=True)
+    shared_state.forget(directory)
+    table = shared_state.create(directory)
+    table.write_server(shared_state.ServerRecord(master_pid=os.getpid()))
+    held = cells.CellsWriter.hold(BOUNDS, str(directory), "w0")
+    table.write_held_cells(0, shared_state.HeldCellsRecord(held, os.fstat(held).st_ino))
+    cells.give(str(directory), "w0", os.dup(held))
+    writer = cells.CellsWriter(BOUNDS, str(directory), "w0")
+    yield directory, table, writer
+    writer.close()
+    os.close(held)
+    shared_state.forget(directory)
+
+
+def test_held_files_are_read_through_the_masters_descriptor_once_and_after_an_rm_rf(held_dir) -> None:
+    directory, _, writer = held_dir
+    _observe(writer, 3)
+    other = cells.CellsWriter(BOUNDS, str(directory), "w1")  # not held: read by its name
+    _observe(other, 1)
+    collector = MultiProcessDirCollector(None, str(directory))
+    assert _count(collector) == 4  # w0 is in the directory too: read once
+    assert collector.cell_files_read == 2
+    opened = collector.held_cells._open[0][1]
+    shutil.rmtree(directory)
+    _observe(writer, 2)
+    assert _count(collector) == 5  # w0 through the master's descriptor; w1 went with the directory
+    assert collector.held_cells._open[0][1] == opened  # opened once, kept
+    assert collector.read_errors == 0
+    collector.held_cells.close()
+    other.close()
+
+
+def test_a_held_file_the_table_names_anew_is_opened_anew(held_dir) -> None:
+    directory, table, writer = held_dir
+    _observe(writer, 3)
+    collector = MultiProcessDirCollector(None, str(directory))
+    assert _count(collector) == 3
+    os.unlink(directory / cells.file_name("w0"))
+    replacement = cells.CellsWriter.hold(BOUNDS, str(directory), "w0")  # another file for the slot
+    table.write_held_cells(0, shared_state.HeldCellsRecord(replacement, os.fstat(replacement).st_ino))
+    assert _count(collector) == 0
+    table.write_held_cells(0, shared_state.HeldCellsRecord())  # none held any more: by name
+    os.close(replacement)
+    assert _count(collector) == 0 and collector.held_cells._open == {}
+
+
+def test_held_files_that_cannot_be_opened_are_read_by_name_and_logged_once(held_dir, caplog) -> None:
+    directory, table, writer = held_dir
+    _observe(writer, 3)
+    table.write_held_cells(0, shared_state.HeldCellsRecord(fd=2**20, inode=1))  # no such descriptor
+    collector = MultiProcessDirCollector(None, str(directory))
+    with caplog.at_level(logging.WARNING):
+        assert _count(collector) == 3 and _count(collector) == 3
+    assert collector.read_errors == 0
+    logged = [r for r in caplog.records if "cannot open the HTTP metrics files the master holds" in r.message]
+    assert len(logged) == 1
