@@ -6,15 +6,16 @@ module globals, so a test can build one with a temporary directory and fake serv
 call its hooks directly. `install()` chains each hook with whatever the config file set (a user's own
 `post_fork`, say): both run, ours first, and an exception in theirs stays theirs.
 
-Master: on_starting (the effective configuration), when_ready (metrics process), pre_fork (worker slot),
-child_exit (exit cause, slot release), nworkers_changed, on_exit.
-Worker: post_fork (slot identity, death with the master), post_worker_init (the app wrapped: ASGI2
-adapted, HTTP metrics; "serving"), worker_exit (its own exit reason).
+Master: on_starting (the effective configuration), when_ready (metrics process), pre_fork (worker slot,
+the slot's HTTP cells file held open), child_exit (exit cause, slot release), nworkers_changed, on_exit.
+Worker: post_fork (slot identity, the held cells file, death with the master), post_worker_init (the app
+wrapped: ASGI2 adapted, HTTP metrics; "serving"), worker_exit (its own exit reason).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import inspect
@@ -30,6 +31,7 @@ from prometheus_client import Counter
 
 from . import (
     asgi,
+    cells,
     early_start,
     lifecycle,
     metrics_process,
@@ -125,6 +127,10 @@ class Master:
         self.pid = os.getpid()  # the master's: Gunicorn's daemon mode changes it (see Application.run)
         self.prepared = False
         self.conf_path: str | None = None
+        #: slot -> the master's descriptor of the slot's HTTP cells file (see hold_cells), at most one per
+        #: slot ever held, kept until the master stops
+        self.cells: dict[int, int] = {}
+        self._cells_failure_logged = False
 
     @property
     def state(self) -> Path:
@@ -210,8 +216,46 @@ class Master:
                 self.slots.release(held)
         slot = self.slots.acquire(worker)
         worker.prometheus_slot = slot
-        slots.clear_slot_live_gauges(self.directory, slot)  # a reused slot starts with no live gauges
+        self.hold_cells(slot)
+        # a reused slot starts with no live gauges
+        slots.clear_slot_live_gauges(self.directory, slot, self.cells.get(slot))
         lifecycle.worker_booted()
+
+    def hold_cells(self, slot: int) -> None:
+        """Hold the slot's HTTP cells file open (created if need be) and name it in the shared table.
+
+        The slot's workers inherit the descriptor and write through it (``cells.give``), and the metrics
+        server reads it through ``/proc/<master pid>/fd/``, so an ``rm -rf`` of the directory loses
+        nothing counted: a replacement worker continues the same file, unlinked or not. A slot keeps its
+        file for the master's whole life (held files take precedence over the path). A missing directory
+        is created again for a slot that has no file yet. Never raises: when the file cannot be had (a
+        full disk), the worker opens it by path itself, as without this.
+        """
+        if not self.settings.metrics_instrument or slot in self.cells:
+            return
+        identity = slots.slot_identity(slot)
+        buckets = self.settings.metrics_buckets
+        try:
+            try:
+                fd = cells.CellsWriter.hold(buckets, self.directory, identity)
+            except FileNotFoundError:
+                os.mkdir(self.directory, 0o700)  # removed under the server
+                fd = cells.CellsWriter.hold(buckets, self.directory, identity)
+            self.cells[slot] = fd
+            table = shared_state.open_table(self.directory)
+            if table is not None and slot < shared_state.MAX_SLOTS:
+                record = shared_state.HeldCellsRecord(fd, os.fstat(fd).st_ino)
+                table.write_held_cells(slot, record)
+        except Exception as err:  # a metrics fault must not keep a worker from being forked
+            if not self._cells_failure_logged:
+                self._cells_failure_logged = True
+                print(
+                    f"[gunicorn-prometheus] the master cannot open the HTTP metrics file of {identity} in "
+                    f"{self.directory}: {getattr(err, 'strerror', None) or err!r}; the worker tries by "
+                    "itself (logged once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def child_exit(self, server: Any, worker: Any) -> None:
         slot = getattr(worker, "prometheus_slot", None)
@@ -249,9 +293,19 @@ class Master:
     def close(self) -> None:
         """Stop the metrics side and release the directory; what the master does last, however it ends."""
         self.stop_metrics()
+        self._close_cells()
         if self.lock_fd is not None:
             multiproc_dir.release(self.directory, self.lock_fd)
             self.lock_fd = None
+
+    def _close_cells(self, keep: int | None = None) -> None:
+        held, self.cells = self.cells, {}
+        for slot, fd in held.items():
+            if slot == keep:
+                self.cells[slot] = fd
+                continue
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _reaped(self, worker: Any, reason: str) -> None:
         """Count the exit, then free the slot: its live gauges and state go before anyone reuses it."""
@@ -261,7 +315,7 @@ class Master:
             return  # not ours, or already released
         lifecycle.worker_exited(reason, slot, pid)
         server_state.clear_worker(self.state, slot)
-        slots.clear_slot_live_gauges(self.directory, slot)
+        slots.clear_slot_live_gauges(self.directory, slot, self.cells.get(slot))
         self.slots.release(slot)
 
     # --- worker hooks (run in the forked worker) ----------------------------------------------------
@@ -271,6 +325,11 @@ class Master:
         metrics_process.release_in_worker(self.supervisor)  # the metrics port is not the worker's to hold
         self.supervisor = None
         slots.set_identity(slots.slot_identity(worker.prometheus_slot))
+        # The slot's HTTP cells file, held open by the master: this worker writes through it. The other
+        # slots' descriptors are not this worker's business.
+        self._close_cells(keep=worker.prometheus_slot)
+        if (fd := self.cells.pop(worker.prometheus_slot, None)) is not None:
+            cells.give(self.directory, slots.slot_identity(worker.prometheus_slot), fd)
         shared_state.count_write_errors_as(shared_state.open_table(self.directory), worker.prometheus_slot)
         server_state.mark_worker(self.state, worker.prometheus_slot, os.getpid(), serving=False)
 

@@ -155,12 +155,16 @@ def _app_metrics_registered() -> bool:
     return any(not family.name.startswith(default) for family in REGISTRY.collect())
 
 
-def clear_slot_live_gauges(directory: str | os.PathLike[str], slot: int) -> None:
+def clear_slot_live_gauges(directory: str | os.PathLike[str], slot: int, cells_fd: int | None = None) -> None:
     """Remove the ``gauge_live*_w<slot>.db`` files of a reaped slot holder.
 
     Call in the master after the holder was reaped and before the slot is handed out again, so ``live*``
     gauges stop counting the dead worker and its successor starts them from zero. Counter, histogram,
-    summary and non-live gauge files are kept on purpose: the successor continues them.
+    summary and non-live gauge files are kept on purpose: the successor continues them. ``cells_fd``: the
+    slot's HTTP cells file as the master holds it, whose in-progress gauge is reset whatever its path.
     """
     multiprocess.mark_process_dead(slot_identity(slot), os.fspath(directory))
-    cells.reset_in_progress(os.fspath(directory), slot_identity(slot))  # the HTTP in-progress gauge too
+    if cells_fd is not None:
+        cells.reset_in_progress_fd(cells_fd)
+    else:
+        cells.reset_in_progress(os.fspath(directory), slot_identity(slot))  # the HTTP in-progress gauge too

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
 from gunicorn.config import Config
 
-from gunicorn_prometheus import asgi, hooks, multiproc_dir
+from gunicorn_prometheus import asgi, cells, hooks, multiproc_dir, shared_state
 from gunicorn_prometheus.settings import Settings
 
 
@@ -150,3 +152,39 @@ def test_cancelled_requests_through_the_worker_stack_are_counted_as_cut(master):
     asyncio.run(run())
     assert in_flight.cut == 3
     assert worker.prometheus_middleware.requests_handled == 2
+
+
+def test_pre_fork_holds_each_slots_cells_file_and_never_fails_a_fork_for_it(master, tmp_path, capsys):
+    directory = tmp_path / "mp"
+    shared_state.forget(directory)
+    table = shared_state.create(directory)
+    server = SimpleNamespace(WORKERS={})
+
+    def fork() -> SimpleNamespace:
+        worker = SimpleNamespace(pid=len(server.WORKERS) + 100)
+        master.pre_fork(server, worker)
+        server.WORKERS[worker.pid] = worker
+        return worker
+
+    try:
+        first = fork()
+        held = master.cells[first.prometheus_slot]
+        path = directory / cells.file_name("w0")
+        assert table.held_cells(0) == shared_state.HeldCellsRecord(held, os.stat(path).st_ino & 0xFFFFFFFF)
+        shutil.rmtree(directory)
+        master.slots.release(first.prometheus_slot)  # reaped; its replacement gets the slot and the file
+        del server.WORKERS[first.pid]
+        assert fork().prometheus_slot == 0 and master.cells[0] == held and not directory.exists()
+        assert fork().prometheus_slot == 1 and (directory / cells.file_name("w1")).exists()  # made again
+        shutil.rmtree(directory)
+        directory.write_text("not a directory")
+        assert fork().prometheus_slot == 2 and 2 not in master.cells
+        assert "cannot open the HTTP metrics file of w2" in capsys.readouterr().err
+        fork()
+        assert "cannot open the HTTP metrics file" not in capsys.readouterr().err  # logged once
+        master.close()
+        assert master.cells == {}
+        with pytest.raises(OSError):
+            os.fstat(held)
+    finally:
+        shared_state.forget(directory)
