@@ -142,38 +142,77 @@ def test_a_worker_booted_on_a_full_disk_counts_every_request_then_resumes(
     assert "Traceback" not in server.logs()
 
 
-def test_directory_removed_under_load(start_server, app_dir, load, figures):
-    """The metrics directory removed under load, and a worker restarted without it.
+#: The HTTP series that count (the in-progress gauge may go down)
+HTTP_COUNTERS = ("starlette_requests_total", "starlette_request_duration_seconds_")
 
-    `rm -rf` of PROMETHEUS_MULTIPROC_DIR while four clients send requests on new paths, then a worker is
-    killed and must boot again. All requests are answered 200, the replacement serves, /metrics still
-    answers (what was in the files is gone with them, the lifecycle counts are not), and the write
-    errors are counted.
+
+def _http_series(scraped: Scrape) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (name, tuple(sorted(labels.items()))): value
+        for name, labels, value in scraped.samples
+        if name.startswith(HTTP_COUNTERS)
+    }
+
+
+def _lowered(before: Scrape, after: Scrape) -> dict[str, tuple[float, float | None]]:
+    """HTTP series (by name and labels) that `after` shows lower than `before`, or not at all."""
+    now = _http_series(after)
+    return {
+        f"{name}{dict(labels)}": (value, now.get((name, labels)))
+        for (name, labels), value in _http_series(before).items()
+        if now.get((name, labels), -1.0) < value
+    }
+
+
+def test_directory_removed_under_load(start_server, app_dir, load, figures):
+    """The metrics directory removed under load, and both workers restarted without it.
+
+    `rm -rf` of PROMETHEUS_MULTIPROC_DIR while four clients send requests on new paths, then each worker
+    is killed in turn and must boot again, and more requests go to the replacements alone. All requests
+    are answered 200, the replacements serve, /metrics still answers, and no HTTP count is lost: every
+    HTTP series is at least what it was before the removal (the master holds each slot's cells file
+    open, a replacement continues it and the metrics server reads it through the master's descriptor),
+    and every request answered is counted by label. (The app's own prometheus_client files are gone with
+    the directory: not checked here.)
     """
     write_app(app_dir, PATHS_APP)
     server = start_server(app_dir, **LEAN)
     server.wait_metrics_ready()
     directory = Path(server.env["PROMETHEUS_MULTIPROC_DIR"])
+    originals = wait_until(lambda: len(workers := server.workers()) == 2 and workers, 30, "two workers")
+    start = scrape(server).total("starlette_requests_total")  # the fixture's readiness probe
     run = load(server, clients=4, budget=400, request=_random_path, close=False)
     wait_until(lambda: run.answered >= 50, 60, "50 answers")
+    before = scrape(server)
     # `rm -rf` races with workers creating files in it meanwhile: repeat until the directory is gone
     wait_until(lambda: shutil.rmtree(directory, ignore_errors=True) or not directory.exists(), 10, "rm -rf")
     wait_until(lambda: run.answered >= 200, 60, "200 answers without the directory")
-    assert kill_worker(server, random.Random(2)) is not None
+    removed = scrape(server)
+    originals[0].send_signal(signal.SIGKILL)
     run.join()
     wait_replacement_serving(server, boots=3)
+    originals[1].send_signal(signal.SIGKILL)
+    wait_replacement_serving(server, boots=4)
+    later = load(server, clients=4, budget=100, request=_random_path).join()  # the replacements' alone
     final = scrape(server)
-    assert run.errors <= 4 and set(run.statuses) == {200}, (run.errors, run.statuses)
-    assert server.get("/after").status_code == 200
-    assert final.total("gunicorn_worker_exits_total", reason="crash") == 1
-    assert final.total("gunicorn_worker_boots_total") == 3
-    assert final.total(WRITE_ERRORS) >= 1
+    answered = run.answered + later.answered
+    assert run.errors <= 4 and later.errors == 0, (run.errors, later.errors)
+    assert set(run.statuses) == set(later.statuses) == {200}, (run.statuses, later.statuses)
+    assert final.total("gunicorn_worker_exits_total", reason="crash") == 2
+    assert final.total("gunicorn_worker_boots_total") == 4
+    assert before.total("starlette_requests_total") >= 50
+    assert _lowered(before, removed) == {} and _lowered(removed, final) == {}
+    # Every answered request counted by label (the killed workers' too), the cut ones at most as well
+    counted = final.total("starlette_requests_total") - start
+    assert answered <= counted <= answered + run.errors, (counted, answered, run.errors)
     assert "Traceback" not in server.logs()
     figures.record(
-        sent=run.sent,
-        answered=run.answered,
+        sent=run.sent + later.sent,
+        answered=answered,
         errors=run.errors,
-        faults="directory removed + 1 SIGKILL",
+        faults="directory removed + 2 SIGKILL",
+        http_counted=int(counted),
+        http_series_lowered=len(_lowered(before, final)),
         write_errors_counted=int(final.total(WRITE_ERRORS)),
         series=final.series(),
     )
@@ -182,11 +221,15 @@ def test_directory_removed_under_load(start_server, app_dir, load, figures):
 def test_peers_replaced_after_rm_rf_keep_the_lifecycle_counts(start_server, app_dir):
     """After an `rm -rf` of PROMETHEUS_MULTIPROC_DIR, both metrics peers are replaced one after the other:
     the port never closes, and the new peers, which never saw the directory, still serve what the master
-    counts in the shared table (worker boots and crashes), from the descriptor the master handed down."""
+    counts in the shared table (worker boots and crashes), from the descriptor the master handed down,
+    and every HTTP count, from the cells files the master holds (through its descriptors)."""
     write_app(app_dir)
     server = start_server(app_dir, **LEAN)
     server.wait_metrics_ready()
     wait_until(lambda: len(server.metrics_peers()) == 2, 10, "both metrics peers")
+    for _ in range(20):
+        assert server.get("/").status_code == 200
+    before = scrape(server)
     shutil.rmtree(server.env["PROMETHEUS_MULTIPROC_DIR"])
     for old in server.metrics_peers():
         old.kill()
@@ -196,10 +239,14 @@ def test_peers_replaced_after_rm_rf_keep_the_lifecycle_counts(start_server, app_
         assert server.metrics_get("/healthz").status_code == 200
     assert kill_worker(server, random.Random(3)) is not None
     wait_replacement_serving(server, boots=3)
+    for _ in range(10):
+        assert server.get("/").status_code == 200
     final = scrape(server)
     assert final.total("gunicorn_worker_exits_total", reason="crash") == 1
     assert final.total("gunicorn_worker_boots_total") == 3
-    assert server.get("/").status_code == 200
+    assert before.total("starlette_requests_total") >= 20 and _lowered(before, final) == {}
+    added = final.total("starlette_requests_total") - before.total("starlette_requests_total")
+    assert added == 10, added
 
 
 def test_too_small_a_directory_is_refused_at_start(start_server, app_dir, small_tmpfs, figures):
