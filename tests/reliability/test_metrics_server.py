@@ -662,11 +662,13 @@ def test_bad_access_files_fail_the_start_in_one_line(
     assert expected in line and "configuration error" in line, logs
 
 
-_TINY_SERVER = """
-import asyncio, resource, socket
+# A metrics HTTP server on its own, in a child process that prints its port: {setup} runs first,
+# {response} is the body of every answer, {options} go to HttpServer.
+_LONE_SERVER = """
+import asyncio, resource, socket, sys
 from gunicorn_prometheus.metrics_http import HttpServer, Response
 
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+{setup}
 
 
 async def main():
@@ -676,14 +678,20 @@ async def main():
     print(listener.getsockname()[1], flush=True)
 
     async def handler(request):
-        return Response(200, b"ok\\n")
+        return Response(200, {response})
 
-    HttpServer(listener, handler, max_connections=10_000).start()  # a cap above the limit: EMFILE happens
+    HttpServer(listener, handler, {options}).start()
     await asyncio.Event().wait()
 
 
 asyncio.run(main())
 """
+
+_TINY_SERVER = _LONE_SERVER.format(
+    setup="resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))",
+    response='b"ok\\n"',
+    options="max_connections=10_000",  # a cap above the limit: EMFILE happens
+)
 
 
 def test_out_of_file_descriptors_closes_the_longest_waiting(figures):
@@ -733,26 +741,11 @@ def test_out_of_file_descriptors_closes_the_longest_waiting(figures):
     )
 
 
-_BIG_SERVER = """
-import asyncio, socket, sys
-from gunicorn_prometheus.metrics_http import HttpServer, Response
-
-
-async def main():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    print(listener.getsockname()[1], flush=True)
-
-    async def handler(request):
-        return Response(200, b"x" * 8_000_000)  # twice the most a kernel send buffer takes
-
-    HttpServer(listener, handler, send_timeout=float(sys.argv[1])).start()
-    await asyncio.Event().wait()
-
-
-asyncio.run(main())
-"""
+_BIG_SERVER = _LONE_SERVER.format(
+    setup="",
+    response='b"x" * 8_000_000',  # twice the most a kernel send buffer takes
+    options="send_timeout=float(sys.argv[1])",
+)
 
 
 @pytest.mark.parametrize("connection", ["keep-alive", "close"])
