@@ -1,12 +1,18 @@
-"""Serve every app Uvicorn serves: the app object is loaded as Uvicorn would, before our wrappers see it.
+"""Serve every app Uvicorn serves: the app object is loaded as Uvicorn would, where Uvicorn would.
 
-Uvicorn makes its final app out of the object it is given when it loads it (``Config.load``): it calls
-the object with no arguments and serves what that returns if the call succeeds (an app factory), then
-tells ASGI2 from ASGI3 and adapts ASGI2 apps. Our wrappers go around the app before Uvicorn sees it,
-and are themselves ASGI3 coroutine callables, so Uvicorn's load no longer sees the user's object: a
-factory would be called with a scope (every request a 500), an ASGI2 app (a class taking the scope,
-like upstream's sample app) with three arguments. So the worker hook takes the same steps first, on the
-user's object, with Uvicorn's own ``ASGI2Middleware``.
+Uvicorn makes its final app out of the object it is given when it loads it (``Config.load``, inside the
+worker's running event loop): it calls the object with no arguments and serves what that returns if the
+call succeeds (an app factory, which may need that loop: ``asyncio.get_running_loop()``, futures bound to
+it), then tells ASGI2 from ASGI3 and adapts ASGI2 apps. Our wrappers go around the app before Uvicorn
+sees it, and are themselves ASGI3 coroutine callables, so Uvicorn's load no longer sees the user's
+object: a factory would be called with a scope (every request a 500), an ASGI2 app (a class taking the
+scope, like upstream's sample app) with three arguments. So the worker's wrappers hold a
+:class:`LoadOnFirstCall`, which takes Uvicorn's steps on the user's object at its first call (the
+lifespan's, or the first request's: in the running loop) and then hands the app to the wrappers, which
+call it directly from then on.
+
+The wrappers pass reads of attributes they lack to the app: a user's ``post_worker_init`` (it runs after
+ours) finds ``worker.wsgi.state`` as in plain Gunicorn.
 """
 
 from __future__ import annotations
@@ -56,6 +62,39 @@ def load_like_uvicorn(app: Any, warn: Callable[[str], None]) -> Any:
     return as_asgi3(made)
 
 
+class LoadOnFirstCall:
+    """The user's app object, loaded as Uvicorn loads it (:func:`load_like_uvicorn`) at its first call.
+
+    ``loaded`` is told the app then, so the wrappers that hold this object replace it by the app: only
+    the first call goes through here. A load that raises (a factory failing) is tried again at the next
+    call, and each such call fails as the load did, as Uvicorn's worker fails at each boot.
+    """
+
+    def __init__(self, app: Any, warn: Callable[[str], None], loaded: Callable[[Any], None]) -> None:
+        self.object = app
+        self._warn = warn
+        self._loaded = loaded
+        self.app: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        app = self.app
+        if app is None:
+            app = self.app = load_like_uvicorn(self.object, self._warn)
+            self._loaded(app)
+        await app(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:
+        return pass_through(self.object if self.app is None else self.app, name)
+
+
+def pass_through(app: Any, name: str) -> Any:
+    """An attribute a wrapper lacks, read from the app it wraps (``worker.wsgi.state``); never a dunder
+    (copy, pickle and protocol probes must see the wrapper as it is)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(app, name)
+
+
 def as_asgi3(app: Any) -> Any:
     """The app itself when it is ASGI3, else the app behind Uvicorn's ASGI2 adapter."""
     return app if is_asgi3(app) else ASGI2Middleware(app)
@@ -80,6 +119,11 @@ class InFlight:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.cut = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "app":  # not set yet: no recursion
+            raise AttributeError(name)
+        return pass_through(self.app, name)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):

@@ -62,10 +62,6 @@ HOOK_NAMES = (
     "pre_exec",
     "on_exit",
 )
-#: Hooks whose config-file side runs before ours. post_worker_init: the user's hook must find the worker
-#: as plain Gunicorn leaves it, ``worker.wsgi`` being their app (``worker.wsgi.state``, or wrapping it in
-#: a middleware of their own); ours then wraps whatever theirs left there.
-THEIRS_FIRST = frozenset({"post_worker_init"})
 
 
 def config_error_exit(err: ConfigError) -> SystemExit:
@@ -90,22 +86,21 @@ def _die_with_master(master_pid: int) -> None:
         os._exit(0)
 
 
-def chain(
-    ours: Callable[..., Any], theirs: Callable[..., Any] | None, *, theirs_first: bool = False
-) -> Callable[..., None]:
-    """One hook calling ours and theirs, whatever either raises; with the arity Gunicorn checks.
+def chain(ours: Callable[..., Any], theirs: Callable[..., Any] | None) -> Callable[..., None]:
+    """One hook calling ours, then theirs, whatever either raises; with the arity Gunicorn checks.
 
-    Ours runs first unless ``theirs_first``: see THEIRS_FIRST.
+    Ours first in post_worker_init too: a middleware the user's hook wraps around ``worker.wsgi`` is then
+    outside ours, so ours sees the scope after the router (a middleware that copies the scope, or sets
+    ``root_path`` as ``--root-path`` does, would otherwise hide the route), and reads of ``worker.wsgi``'s
+    attributes reach the app (asgi.pass_through).
     """
-    first, second = (theirs, ours) if theirs_first else (ours, theirs)
 
     def both(*args: Any) -> None:
         try:
-            if first is not None:
-                first(*args)
+            ours(*args)
         finally:
-            if second is not None:
-                second(*args)
+            if theirs is not None:
+                theirs(*args)
 
     both.__signature__ = inspect.signature(ours)  # type: ignore[attr-defined]
     both.__name__ = getattr(ours, "__name__", "hook")
@@ -162,7 +157,7 @@ class Master:
                 theirs = theirs._theirs  # installed twice on one config: chain with theirs, once
             if _same_function(theirs, default):
                 theirs = None  # Gunicorn's no-op default
-            cfg.set(name, chain(getattr(self, name), theirs, theirs_first=name in THEIRS_FIRST))
+            cfg.set(name, chain(getattr(self, name), theirs))
 
     # --- master hooks -------------------------------------------------------------------------------
 
@@ -346,16 +341,24 @@ class Master:
             # would SIGKILL the worker: it then exits normally (worker_exit and the last metrics flush
             # run) and says how many it cut instead of dying as "Perhaps out of memory?".
             worker.config.timeout_graceful_shutdown = max(self.settings.graceful_timeout - 1, 0)
-        # The app as Uvicorn would load it (a factory's product, ASGI2 adapted: our wrappers hide the
-        # user's object from Uvicorn's own load), then one layer in front of it: the HTTP metrics, which
-        # also keep the in-flight count for stops (handing websockets and lifespan to InFlight), or
-        # InFlight alone without them.
+        # The app as Uvicorn would load it, where it would (a factory called in the running loop, ASGI2
+        # adapted: our wrappers hide the user's object from Uvicorn's own load, see asgi), then one layer
+        # in front of it: the HTTP metrics, which also keep the in-flight count for stops (handing
+        # websockets and lifespan to InFlight), or InFlight alone without them.
         attribute = "asgi" if hasattr(worker, "asgi") else "wsgi"  # Gunicorn's native asgi worker: .asgi
+        holders: list[Any] = []  # the wrappers that call the app directly once it is loaded
+
+        def loaded(app: Any) -> None:
+            for holder in holders:
+                holder.app = app
+
+        app: Any
         if _is_uvicorn_worker(worker):
-            app = asgi.load_like_uvicorn(getattr(worker, attribute), worker.log.warning)
+            app = asgi.LoadOnFirstCall(getattr(worker, attribute), worker.log.warning, loaded)
         else:
             app = asgi.as_asgi3(getattr(worker, attribute))
         in_flight = asgi.InFlight(app)
+        holders.append(in_flight)
         setattr(worker, attribute, in_flight)
         worker.prometheus_in_flight = in_flight
         if self.settings.metrics_instrument:
@@ -368,6 +371,7 @@ class Master:
                 skip_paths=sorted(self.settings.metrics_skip_paths),
                 in_flight=in_flight,
             )
+            holders.append(middleware)
             setattr(worker, attribute, middleware)
             worker.prometheus_middleware = middleware
         if self.settings.values.get("METRICS_SATURATION", True):

@@ -295,6 +295,14 @@ class PrometheusMiddleware:
         # The writer's generation the caches were filled in (it changes when storage comes back).
         self._generation = self._store.writer.generation
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the middleware lacks are the app's (see asgi.pass_through)."""
+        if name == "app":  # not set yet: no recursion
+            raise AttributeError(name)
+        from .asgi import pass_through
+
+        return pass_through(self.app, name)
+
     @property
     def cells_path(self) -> str | None:
         """The file this process's HTTP metrics go to (None: anonymous memory)."""
