@@ -211,10 +211,19 @@ class Master:
                 self.slots.release(held)
         slot = self.slots.acquire(worker)
         worker.prometheus_slot = slot
+        self._recreate_directory()
         self.hold_cells(slot)
         # a reused slot starts with no live gauges
         slots.clear_slot_live_gauges(self.directory, slot, self.cells.get(slot))
         lifecycle.worker_booted()
+
+    def _recreate_directory(self) -> None:
+        """After an ``rm -rf`` of the directory, create it again before a worker starts, so the worker's
+        prometheus_client files (the app's metrics, the loop and thread-pool figures) can be written again:
+        their counts before the removal are gone, later ones are not. Never raises (see hold_cells)."""
+        with contextlib.suppress(OSError):
+            if not os.path.isdir(self.directory):
+                os.mkdir(self.directory, 0o700)
 
     def hold_cells(self, slot: int) -> None:
         """Hold the slot's HTTP cells file open (created if need be) and name it in the shared table.
@@ -222,20 +231,15 @@ class Master:
         The slot's workers inherit the descriptor and write through it (``cells.give``), and the metrics
         server reads it through ``/proc/<master pid>/fd/``, so an ``rm -rf`` of the directory loses
         nothing counted: a replacement worker continues the same file, unlinked or not. A slot keeps its
-        file for the master's whole life (held files take precedence over the path). A missing directory
-        is created again for a slot that has no file yet. Never raises: when the file cannot be had (a
-        full disk), the worker opens it by path itself, as without this.
+        file for the master's whole life (held files take precedence over the path). Never raises: when
+        the file cannot be had (a full disk), the worker opens it by path itself, as without this.
         """
         if not self.settings.metrics_instrument or slot in self.cells:
             return
         identity = slots.slot_identity(slot)
         buckets = self.settings.metrics_buckets
         try:
-            try:
-                fd = cells.CellsWriter.hold(buckets, self.directory, identity)
-            except FileNotFoundError:
-                os.mkdir(self.directory, 0o700)  # removed under the server
-                fd = cells.CellsWriter.hold(buckets, self.directory, identity)
+            fd = cells.CellsWriter.hold(buckets, self.directory, identity)
             self.cells[slot] = fd
             table = shared_state.open_table(self.directory)
             if table is not None and slot < shared_state.MAX_SLOTS:

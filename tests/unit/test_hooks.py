@@ -174,8 +174,10 @@ def test_pre_fork_holds_each_slots_cells_file_and_never_fails_a_fork_for_it(mast
         shutil.rmtree(directory)
         master.slots.release(first.prometheus_slot)  # reaped; its replacement gets the slot and the file
         del server.WORKERS[first.pid]
-        assert fork().prometheus_slot == 0 and master.cells[0] == held and not directory.exists()
-        assert fork().prometheus_slot == 1 and (directory / cells.file_name("w1")).exists()  # made again
+        # the replacement keeps the held file, and the directory is there again for its other files
+        assert fork().prometheus_slot == 0 and master.cells[0] == held and directory.is_dir()
+        assert not (directory / cells.file_name("w0")).exists()
+        assert fork().prometheus_slot == 1 and (directory / cells.file_name("w1")).exists()
         shutil.rmtree(directory)
         directory.write_text("not a directory")
         assert fork().prometheus_slot == 2 and 2 not in master.cells
