@@ -18,6 +18,7 @@ ours) finds ``worker.wsgi.state`` as in plain Gunicorn.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -101,6 +102,8 @@ def as_asgi3(app: Any) -> Any:
 
 
 def _name(app: Any) -> str:
+    if isinstance(app, functools.partial):
+        return f"partial({_name(app.func)})"
     return getattr(app, "__qualname__", None) or type(app).__qualname__
 
 

@@ -396,12 +396,20 @@ def record_write_error(path: str | os.PathLike[str], err: BaseException, what: s
     if key not in _reported and len(_reported) < 100:
         _reported.add(key)
         reason = getattr(err, "strerror", None) or repr(err)
+        if isinstance(err, FileNotFoundError):  # the directory was removed under the server
+            remedy = (
+                "PROMETHEUS_MULTIPROC_DIR was removed: the master creates it again before the next worker "
+                "starts (HTTP metrics are kept through the removal)"
+            )
+        else:
+            remedy = (
+                "Give PROMETHEUS_MULTIPROC_DIR more space (e.g. a larger /dev/shm: docker run --shm-size, "
+                "or an emptyDir with medium Memory and a sizeLimit) and make it writable"
+            )
         print(
             f"[gunicorn-prometheus] pid {os.getpid()}: cannot write {what} to {key}: {reason}; requests are "
-            "served as usual but some metrics are not counted. Give PROMETHEUS_MULTIPROC_DIR more space "
-            "(e.g. a larger /dev/shm: docker run --shm-size, or an emptyDir with medium Memory and a "
-            "sizeLimit) and make it writable; this is logged once per process and counted in "
-            "gunicorn_metrics_write_errors_total.",
+            f"served as usual but some metrics are not counted. {remedy}; this is logged once per process "
+            "and counted in gunicorn_metrics_write_errors_total.",
             file=sys.stderr,
             flush=True,
         )

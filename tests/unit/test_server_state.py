@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from gunicorn_prometheus import server_state, shared_state
@@ -51,3 +52,13 @@ def test_the_held_cells_file_of_a_slot_has_its_own_place_and_outlives_a_reap(tmp
         assert table.held_cells(5) == HeldCellsRecord(0, 7)
     finally:
         shared_state.forget(tmp_path)
+
+
+def test_a_write_error_says_what_to_do_for_its_cause(tmp_path: Path, capsys):
+    """A full disk asks for room; a removed directory says it comes back (more room would not help)."""
+    shared_state.record_write_error(tmp_path / "full.db", OSError(errno.ENOSPC, "No space left on device"))
+    full = capsys.readouterr().err
+    shared_state.record_write_error(tmp_path / "gone.db", FileNotFoundError(errno.ENOENT, "No such file"))
+    gone = capsys.readouterr().err
+    assert "more space" in full and "was removed" not in full
+    assert "was removed: the master creates it again" in gone and "more space" not in gone
