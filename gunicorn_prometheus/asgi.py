@@ -85,6 +85,8 @@ class LoadOnFirstCall:
         await app(scope, receive, send)
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("app", "object"):  # not set yet: no recursion
+            raise AttributeError(name)
         return pass_through(self.object if self.app is None else self.app, name)
 
 

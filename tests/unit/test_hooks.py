@@ -190,3 +190,25 @@ def test_pre_fork_holds_each_slots_cells_file_and_never_fails_a_fork_for_it(mast
             os.fstat(held)
     finally:
         shared_state.forget(directory)
+
+
+def test_the_wrappers_pass_attribute_reads_to_the_app_and_stay_copyable():
+    """worker.wsgi.state reaches the app through every wrapper; a wrapper without its attributes yet
+    (as copy and pickle build one) raises AttributeError instead of recursing."""
+    import copy
+
+    from starlette.applications import Starlette
+
+    from gunicorn_prometheus import asgi
+    from gunicorn_prometheus.instrumentation import PrometheusMiddleware
+
+    app = Starlette()
+    app.state.marker = "set by the app"
+    lazy = asgi.LoadOnFirstCall(app, print, lambda loaded: None)
+    middleware = PrometheusMiddleware(lazy, registry=None, directory=None, in_flight=asgi.InFlight(lazy))
+    assert middleware.state.marker == lazy.state.marker == asgi.InFlight(app).state.marker == "set by the app"
+    for wrapper in (lazy, middleware, asgi.InFlight(app)):
+        bare = object.__new__(type(wrapper))
+        with pytest.raises(AttributeError):
+            bare.app  # noqa: B018
+        copy.copy(wrapper)
