@@ -178,8 +178,11 @@ def test_reload_keeps_serving(start_server, app_dir):
     assert "gunicorn_requests_cut_on_stop_total 0.0" in server.metrics_get().text  # there from the start
     first = server.workers()[0].pid
     server.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: [p.pid for p in server.workers()] not in ([], [first]), 30, "a new worker")
-    wait_until(lambda: server.metrics_get("/healthz").status_code == 200, 30, "the new worker serving")
+    # the old worker gone, not only a new one there: a connection the old one accepted as it stopped is
+    # reset (CI once saw that), as under plain Gunicorn
+    wait_until(lambda: len(pids := [p.pid for p in server.workers()]) == 1 and first not in pids, 30,
+               "the new worker alone")  # fmt: skip
+    wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 1, 30, "it serving")
     assert server.get("/").json() == {"Hello": "World"}
 
 

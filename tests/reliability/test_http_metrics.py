@@ -191,6 +191,9 @@ def test_full_directory_degrades_metrics_not_requests(start_server, app_dir, sma
     settings = {**LEAN, "METRICS_SATURATION": "false"}
     server = start_server(app_dir, PROMETHEUS_MULTIPROC_DIR=str(directory), **settings)
     server.wait_metrics_ready()
+    # both workers serving before they are noted: the metrics port answers as soon as the first one does
+    # (CI once saw the second appear after the note, as if a worker had been replaced)
+    wait_until(lambda: server.metrics_get("/healthz").json()["workers_serving"] == 2, 30, "two workers")
     workers = {p.pid for p in server.workers()}
     fill(directory)
     statuses = [s for s in range(200, 600) if s not in (204, 205, 304)][:300]  # those have no body

@@ -425,9 +425,19 @@ def test_clients_that_pipeline_and_never_read_cost_bounded_memory(start_server, 
     server.wait_metrics_ready()
     wait_until(lambda: len(_peers(server)) == 2, 10, "two metrics peers")
     body = len(server.metrics_get("/metrics").content)
-    for _ in range(4):  # both peers have built and sent a large body once: their memory is warm
-        assert server.metrics_get("/metrics").status_code == 200
     peers = _peers(server)
+    # Both peers must have built and sent a large body before their memory is noted (the kernel hands a
+    # connection to either: four scrapes once all went to one, and the other's first scrape, imports and
+    # all, looked like 28 MB of growth): scrape until each has spent CPU time on one.
+    cpu = {p.pid: sum(p.cpu_times()[:2]) for p in peers}
+
+    def both_served() -> bool:
+        assert server.metrics_get("/metrics").status_code == 200
+        return all(sum(p.cpu_times()[:2]) - cpu[p.pid] > 0.05 for p in peers)
+
+    wait_until(both_served, 30, "both peers to have served a large scrape")
+    for _ in range(2):
+        assert server.metrics_get("/metrics").status_code == 200
     before = {p.pid: p.memory_info().rss for p in peers}
     clients = [_non_reader(server.metrics_port) for _ in range(4)]
     growth: list[int] = []
