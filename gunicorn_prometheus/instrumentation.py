@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import cells, names
+from . import asgi, cells, names
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -299,9 +299,7 @@ class PrometheusMiddleware:
         """Attributes the middleware lacks are the app's (see asgi.pass_through)."""
         if name == "app":  # not set yet: no recursion
             raise AttributeError(name)
-        from .asgi import pass_through
-
-        return pass_through(self.app, name)
+        return asgi.pass_through(self.app, name)
 
     @property
     def cells_path(self) -> str | None:
